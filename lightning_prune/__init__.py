@@ -1,0 +1,35 @@
+"""lightning-prune: prune PyTorch Lightning models with callbacks and physically shrink them."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from lightning_prune.checkpoint import load_pruned_state_dict
+from lightning_prune.errors import PruningError
+from lightning_prune.stats import ModelStats, measure_latency, model_stats
+from lightning_prune.structure import (
+    ChannelGraph,
+    ChannelGroup,
+    ParamSlice,
+    Removal,
+    ShrinkReport,
+    shrink,
+)
+
+try:
+    __version__ = version("lightning-prune")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "ModelStats",
+    "ParamSlice",
+    "PruningError",
+    "Removal",
+    "ShrinkReport",
+    "__version__",
+    "load_pruned_state_dict",
+    "measure_latency",
+    "model_stats",
+    "shrink",
+]

@@ -1,0 +1,38 @@
+"""Developer tasks: `nox -s tests`, `nox -s slow`, `nox -s lint`."""
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit suite: tiny models and synthetic data, no download, a few minutes on 2 CPU cores."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session: nox.Session) -> None:
+    """Long suites: the whole torchvision zoo, real-data runs (read $LIGHTNING_PRUNE_DATA)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def main_job(session: nox.Session) -> None:
+    """The README's first command: install and run a real prune-train-shrink job (no download)."""
+    session.install("-e", ".[examples]")
+    session.run("python", "examples/prune_digits.py", *session.posargs)
