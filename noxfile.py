@@ -32,7 +32,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-def main_job(session: nox.Session) -> None:
-    """The README's first command: install and run a real prune-train-shrink job (no download)."""
+def main(session: nox.Session) -> None:
+    """The README's first command: install, then prune-train-shrink on scikit-learn's digits (no download)."""
     session.install("-e", ".[examples]")
-    session.run("python", "examples/prune_digits.py", *session.posargs)
+    session.run("lightning-prune", "fit", "--config", "examples/digits_snip.yaml", *session.posargs)

@@ -2,7 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lightning_prune.checkpoint import load_pruned_state_dict
+from lightning_prune.callbacks import PruningCallback, ShrinkOnFitEnd, SNIPCallback
+from lightning_prune.checkpoint import load_pruned_checkpoint, load_pruned_state_dict
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import ModelStats, measure_latency, model_stats
 from lightning_prune.structure import (
@@ -24,10 +25,14 @@ __all__ = [
     "ChannelGroup",
     "ModelStats",
     "ParamSlice",
+    "PruningCallback",
     "PruningError",
     "Removal",
+    "SNIPCallback",
+    "ShrinkOnFitEnd",
     "ShrinkReport",
     "__version__",
+    "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "measure_latency",
     "model_stats",

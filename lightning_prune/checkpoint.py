@@ -9,6 +9,7 @@ engine are involved.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ from torch import nn
 from lightning_prune._inputs import check_module
 from lightning_prune.errors import PruningError
 
-__all__ = ["load_pruned_state_dict"]
+__all__ = ["load_pruned_checkpoint", "load_pruned_state_dict", "resize_to_state_dict"]
 
 _FUNC = "load_pruned_state_dict"
 _M = TypeVar("_M", bound=nn.Module)
+_L = TypeVar("_L", bound=nn.Module)
 _Shape = tuple[int, ...]
 
 # Torch classes that only hold other modules or loose tensors: a module's own tensors are "free"
@@ -139,21 +141,87 @@ def load_pruned_state_dict(
         )
     state_dict = _strip_prefix(state_dict, prefix)
 
-    owners = _tensor_owners(model)
-    expected = model.state_dict(keep_vars=True)
-    if strict:
-        _check_keys(model, owners, expected, state_dict)
-    plans = _plan(model, owners, expected, state_dict)
-
-    undo: list[tuple[nn.Module, str, Any]] = []
+    undo = _resize(model, state_dict, strict)
     try:
-        _apply(plans, undo)
         model.load_state_dict(state_dict, strict=strict)
     except BaseException:
         for module, name, old in reversed(undo):
             setattr(module, name, old)
         raise
     return model
+
+
+def resize_to_state_dict(model: _M, state_dict: Mapping[str, Any]) -> _M:
+    """Resize ``model``'s layers, in place, to the (smaller) shapes in ``state_dict``, without loading values.
+
+    The shape half of :func:`load_pruned_state_dict` (same rules and errors; keys the model lacks are
+    ignored). The pruning callbacks use it to give a model the shrunk shapes of a checkpoint before Lightning
+    loads its weights.
+
+    Example:
+        >>> from torch import nn
+        >>> net = resize_to_state_dict(nn.Linear(8, 4), nn.Linear(6, 4).state_dict())
+        >>> net.in_features, tuple(net.weight.shape)
+        (6, (4, 6))
+    """
+    check_module(model, "resize_to_state_dict")
+    _resize(model, state_dict, strict=False)
+    return model
+
+
+def load_pruned_checkpoint(
+    module_class: type[_L], checkpoint_path: str | os.PathLike, map_location: Any = "cpu", **overrides: Any
+) -> _L:
+    """Build ``module_class`` from a (shrunk) checkpoint's hyperparameters and load its shrunk weights.
+
+    The counterpart of ``LightningModule.load_from_checkpoint`` for models whose layers were shrunk: it works
+    with the file written by :class:`~lightning_prune.ShrinkOnFitEnd` (``save_path``) and with any Lightning
+    checkpoint taken after a structured pruning callback shrank the model. Loading uses
+    ``torch.load(..., weights_only=True)``: no pickled modules.
+
+    Args:
+        module_class: The LightningModule class (the same that was trained).
+        checkpoint_path: The checkpoint file.
+        map_location: Passed to :func:`torch.load`.
+        **overrides: Constructor arguments replacing the saved hyperparameters.
+
+    Returns:
+        The module, resized and loaded, in eval mode.
+
+    Raises:
+        PruningError: If the checkpoint has no ``state_dict`` or its shapes are not a shrink of the module.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise PruningError(
+            f"`load_pruned_checkpoint(checkpoint_path={str(checkpoint_path)!r})`: the file holds no "
+            "'state_dict' entry; expected a Lightning or ShrinkOnFitEnd checkpoint."
+        )
+    hparams = {**checkpoint.get("hyper_parameters", {}), **overrides}
+    module = module_class(**hparams)
+    load_pruned_state_dict(module, checkpoint["state_dict"])
+    return module.eval()
+
+
+def _resize(
+    model: nn.Module, state_dict: Mapping[str, Any], strict: bool
+) -> list[tuple[nn.Module, str, Any]]:
+    """Check everything, then resize; return what to set back to undo it."""
+    owners = _tensor_owners(model)
+    expected = model.state_dict(keep_vars=True)
+    if strict:
+        _check_keys(model, owners, expected, state_dict)
+    else:
+        state_dict = {k: v for k, v in state_dict.items() if k in expected}
+    plans = _plan(model, owners, expected, state_dict)
+    undo: list[tuple[nn.Module, str, Any]] = []
+    try:
+        _apply(plans, undo)
+    except BaseException:
+        for module, name, old in reversed(undo):
+            setattr(module, name, old)
+        raise
+    return undo
 
 
 def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:

@@ -215,16 +215,24 @@ class ChannelGraph:
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self._modules_by_name = dict(model.named_modules())
         self._roots: dict[str, nn.Module] = {}
-        self._frozen = set(frozen) | self._output_layers()
+        self._outputs = self._output_layers()
+        self._frozen = set(frozen) | self._outputs
         self._groups: dict[str, ChannelGroup] | None = None
+        self._shape_cache: dict[str, torch.Size] | None = None
 
     @property
     def groups(self) -> list[ChannelGroup]:
         """Every channel group, named after its first producing conv/linear layer, in model order."""
         if self._groups is None:
+            self._shape_cache = None
             found = [self._describe(g) for g in self._dg.get_all_groups(root_module_types=_ROOT_TYPES)]
             self._groups = {g.name: g for g in sorted(found, key=lambda g: self._order[g.name])}
         return list(self._groups.values())
+
+    @property
+    def output_layers(self) -> set[str]:
+        """Layers whose output channels reach a model output (never pruned)."""
+        return set(self._outputs)
 
     def group(self, name: str) -> ChannelGroup:
         """The group rooted at the layer called ``name``.
@@ -292,7 +300,7 @@ class ChannelGraph:
                 raise PruningError(
                     f"Channel indices for group {name!r} must be in [0, {group.size}); got {idx}."
                 )
-            emptied = _emptied(group, idx, self.model)
+            emptied = _emptied(group, idx, self._shapes())
             if emptied:
                 raise PruningError(
                     f"Removing channels {idx} of group {name!r} would empty {emptied}; "
@@ -310,10 +318,15 @@ class ChannelGraph:
             for item in tp_group:
                 done += [Removal(s.param, s.dim, s.positions) for s in self._slices_of(item, stride)]
             tp_group.prune(record_history=False)
-        self._groups = None
+        self._groups = self._shape_cache = None
         return _dedupe(done)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _shapes(self) -> dict[str, torch.Size]:
+        if self._shape_cache is None:
+            self._shape_cache = {n: t.shape for n, t in self.model.state_dict(keep_vars=True).items()}
+        return self._shape_cache
+
     def _output_layers(self) -> set[str]:
         """Layers whose output channels reach a model output without a channel-changing layer."""
         nodes = self._dg.module2node.values()
@@ -419,7 +432,7 @@ class ChannelGraph:
         )
         self._roots[name] = root
         slices = [s for item in tp_group for s in self._slices_of(item, size)]
-        shapes = {n: t.shape for n, t in self.model.state_dict(keep_vars=True).items()}
+        shapes = self._shapes()
         if any(s.param not in shapes or int(s.positions.max()) >= shapes[s.param][s.dim] for s in slices):
             reasons.append("the traced dependencies do not fit the layer shapes")
         return ChannelGroup(
@@ -538,9 +551,8 @@ def _is_producer(item) -> bool:
     return node_type in (_OPS.DEPTHWISE_CONV, _OPS.EMBED, _OPS.PARAMETER)
 
 
-def _emptied(group: ChannelGroup, channels: Sequence[int], model: nn.Module) -> str | None:
+def _emptied(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str, torch.Size]) -> str | None:
     """The first parameter that would lose every entry along a dim if ``channels`` went, if any."""
-    shapes = {n: t.shape for n, t in model.state_dict(keep_vars=True).items()}
     gone = torch.as_tensor(list(channels), dtype=torch.long)
     for s in group.slices:
         if int(torch.isin(s.channels, gone).sum()) >= shapes[s.param][s.dim]:
@@ -548,10 +560,12 @@ def _emptied(group: ChannelGroup, channels: Sequence[int], model: nn.Module) -> 
     return None
 
 
-def _spare_one_per_layer(group: ChannelGroup, dead: list[int], model: nn.Module) -> tuple[list[int], int]:
+def _spare_one_per_layer(
+    group: ChannelGroup, dead: list[int], shapes: Mapping[str, torch.Size]
+) -> tuple[list[int], int]:
     """Drop channels from ``dead`` until no layer would be emptied; return them and how many."""
     dead, kept = list(dead), 0
-    while (param := _emptied(group, dead, model)) is not None:
+    while (param := _emptied(group, dead, shapes)) is not None:
         slc = next(s for s in group.slices if s.param == param)
         dead.remove(min(int(c) for c in slc.channels if int(c) in dead))
         kept += 1
@@ -673,7 +687,7 @@ def shrink(
         if not group.exact:
             skipped[name] = "a LayerNorm/GroupNorm normalizes across these channels"
         else:
-            dead, kept = _spare_one_per_layer(group, dead, model)
+            dead, kept = _spare_one_per_layer(group, dead, graph._shapes())
             if kept:
                 kept_dead[name] = kept * group.ties
             if dead:
@@ -713,3 +727,70 @@ def _check_same(reference, outputs, plan) -> None:
             "shrink changed the model's outputs, which must not happen: please report this model. "
             f"Groups shrunk: {', '.join(plan)}."
         )
+
+
+def node_weights(graph: ChannelGraph, group: ChannelGroup) -> int:
+    """Conv/linear output channels (nodes) one channel of ``group`` stands for: ties × producing layers."""
+    layers = sum(isinstance(graph._modules_by_name.get(p), _ROOT_TYPES) for p in group.producers)
+    return group.ties * max(layers, 1)
+
+
+def lowest_channels(
+    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], amount: float
+) -> dict[str, list[int]]:
+    """Plan the removal of the lowest-scoring channels in ONE global ranking over the scored groups.
+
+    Channels are removed in ascending score order (ties broken by model order) until ``amount`` of the
+    scored groups' nodes (conv/linear output channels; a channel shared by several producers counts once
+    per producer, see :func:`node_weights`) are gone. A channel is skipped when removing it would empty a
+    layer, so every group and every layer keeps at least one channel.
+
+    Args:
+        graph: The channel graph the scores refer to.
+        scores: Group name → 1-D scores, one per channel (higher = keep).
+        amount: Fraction of the scored nodes to remove, in [0, 1).
+
+    Returns:
+        Group name → channel indices to remove, for :meth:`ChannelGraph.prune`.
+    """
+    groups = {g.name: g for g in graph.groups}
+    entries = []  # (score, order, group name, channel)
+    total = 0
+    for order, (name, values) in enumerate(scores.items()):
+        group = groups[name]
+        if values.shape != (group.size,):
+            raise PruningError(
+                f"Scores for group {name!r} must have shape ({group.size},); got {tuple(values.shape)}."
+            )
+        weight = node_weights(graph, group)
+        total += weight * group.size
+        entries += [(float(v), order, name, c) for c, v in enumerate(values.tolist())]
+    entries.sort(key=lambda e: (e[0], e[1], e[3]))
+
+    # For each group: which layers (slices) each channel is part of, and how many channels each still has.
+    covers: dict[str, dict[int, list[int]]] = {}
+    remaining: dict[str, list[int]] = {}
+    for name in scores:
+        slices = groups[name].slices
+        covers[name] = {}
+        remaining[name] = []
+        for i, s in enumerate(slices):
+            unique = s.channels.unique().tolist()
+            remaining[name].append(len(unique))
+            for c in unique:
+                covers[name].setdefault(c, []).append(i)
+
+    target = round(amount * total)
+    plan: dict[str, list[int]] = {}
+    removed = 0
+    for _, _, name, channel in entries:
+        if removed >= target:
+            break
+        layers = covers[name].get(channel, [])
+        if any(remaining[name][i] <= 1 for i in layers):
+            continue
+        for i in layers:
+            remaining[name][i] -= 1
+        plan.setdefault(name, []).append(channel)
+        removed += node_weights(graph, groups[name])
+    return {name: sorted(chs) for name, chs in plan.items()}

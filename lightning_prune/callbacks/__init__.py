@@ -1,0 +1,7 @@
+"""Lightning callbacks that prune and shrink."""
+
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.shrink import ShrinkOnFitEnd
+from lightning_prune.callbacks.snip import SNIPCallback
+
+__all__ = ["PruningCallback", "SNIPCallback", "ShrinkOnFitEnd"]

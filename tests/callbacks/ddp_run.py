@@ -1,0 +1,38 @@
+"""Run by tests/callbacks/test_ddp.py: a 2-process CPU DDP fit (Lightning relaunches this script)."""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_prune import SNIPCallback
+from tests.helpers.modules import TinyModule
+
+
+class Dump(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    folder, structured = Path(sys.argv[1]), sys.argv[2] == "structured"
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[SNIPCallback(limit=0.6, structured=structured, num_batches=2), Dump(folder)],
+    )
+    trainer.fit(TinyModule(arch="resnet", n=64, batch_size=8))

@@ -1,0 +1,51 @@
+"""Two CPU processes (DDP over gloo): every rank prunes exactly the same weights and channels."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_prune import PruningError, SNIPCallback
+from tests.helpers.modules import TinyModule
+
+SCRIPT = Path(__file__).with_name("ddp_run.py")
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "structured"])
+def test_two_ranks_agree(tmp_path, mode):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        assert torch.equal(a[key] == 0, b[key] == 0), key  # identical zero patterns
+        torch.testing.assert_close(a[key], b[key])  # and DDP kept training them in sync
+    weights = [k for k in a if k.endswith("weight") and a[k].dim() > 1]
+    zeros = sum(int((a[k] == 0).sum()) for k in weights) / sum(a[k].numel() for k in weights)
+    if mode == "structured":
+        assert a["model.stem.0.weight"].shape[0] < 8
+    else:
+        assert zeros == pytest.approx(0.6, abs=1e-3)
+
+
+def test_structured_under_ddp_spawn_is_refused_in_setup(tmp_path):
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False, default_root_dir=tmp_path
+    )
+    snip = SNIPCallback(structured=True)
+    trainer.fit_loop._data_source.instance = TinyModule()  # what Trainer.fit sets up before `setup`
+    with pytest.raises(PruningError, match=r"spawning strategy \(ddp_spawn\)"):
+        snip.setup(trainer, TinyModule(), "fit")

@@ -1,0 +1,92 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_prune import PruningError, ShrinkOnFitEnd, SNIPCallback, load_pruned_checkpoint
+from tests.helpers.modules import TinyModule, trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latency_batch_size": 0}, r"`ShrinkOnFitEnd\(latency_batch_size=0\)` is invalid"),
+        ({"latency_repeats": 1.5}, r"`latency_repeats` must be an int >= 1; got 1.5"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(PruningError, match=match):
+        ShrinkOnFitEnd(**kwargs)
+
+
+def test_structured_snip_then_shrink_saves_a_checkpoint_that_reloads(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule(arch="resnet")
+    shrinker = ShrinkOnFitEnd(save_path=tmp_path / "small.pt", latency_batch_size=8, latency_repeats=3)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=2, logger=logger).fit(
+        module
+    )
+
+    r = shrinker.report
+    assert r["shrink/params_after"] < r["shrink/params_before"]
+    assert r["shrink/macs_after"] < r["shrink/macs_before"]
+    assert r["shrink/checkpoint_mb_after"] < r["shrink/checkpoint_mb_before"]
+    assert r["shrink/latency_b1_ms_after"] > 0 and r["shrink/latency_b8_ms_before"] > 0
+    assert "shrink/macs_after" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "params" in str(shrinker.table().columns[0]._cells)
+
+    raw = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert set(raw) >= {"state_dict", "hyper_parameters"}
+    loaded = load_pruned_checkpoint(TinyModule, tmp_path / "small.pt")
+    x = torch.randn(4, 3, 8, 8)
+    module.eval()
+    torch.testing.assert_close(loaded(x), module(x))
+    assert sum(p.numel() for p in loaded.parameters()) == r["shrink/params_after"]
+
+
+def test_unstructured_masks_become_permanent_and_dead_channels_go(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    # prune everything feeding two channels of features.0 by hand, through a mask, BN included
+    snip = SNIPCallback(limit=0.3)
+    shrinker = ShrinkOnFitEnd(latency_repeats=2, latency_batch_size=4)
+
+    class KillTwo(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            masks = {n: m.clone() for n, m in snip.masks.items()}
+            masks["model.features.0.weight"][:2] = False
+            snip.set_masks(pl_module, masks)
+            snip._attach(trainer, pl_module)
+            with torch.no_grad():
+                pl_module.model.features[0].bias[:2] = 0
+                pl_module.model.features[1].weight[:2] = 0
+                pl_module.model.features[1].bias[:2] = 0
+                for p in (
+                    pl_module.model.features[0].bias,
+                    pl_module.model.features[1].weight,
+                    pl_module.model.features[1].bias,
+                ):
+                    p.requires_grad_(False)
+
+    trainer(tmp_path, [snip, KillTwo(), shrinker], max_epochs=1).fit(module)
+    assert snip.masks == {}  # permanent: the zeros are plain weights now
+    assert module.model.features[0].out_channels == 6
+    assert shrinker.report["shrink/channels_removed"] == 2
+    assert shrinker.report["shrink/nonzero_params_after"] < 0.8 * shrinker.report["shrink/params_before"]
+
+
+def test_resumed_fit_compares_with_the_first_start(tmp_path):
+    pl.seed_everything(0)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    shrinker = ShrinkOnFitEnd(latency_repeats=2, latency_batch_size=4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1)
+    cbs = [SNIPCallback(limit=0.5, structured=True), shrinker, ckpt]
+    trainer(tmp_path, cbs, max_epochs=1, enable_checkpointing=True).fit(TinyModule())
+    first = shrinker.report["shrink/params_before"]
+    again = ShrinkOnFitEnd(latency_repeats=2, latency_batch_size=4)
+    cbs = [SNIPCallback(limit=0.5, structured=True), again]
+    trainer(tmp_path, cbs, max_epochs=2).fit(TinyModule(), ckpt_path=tmp_path / "c" / "epoch=0-step=4.ckpt")
+    assert again.report["shrink/params_before"] == first
+    assert again.report["shrink/params_after"] < first
