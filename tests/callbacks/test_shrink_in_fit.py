@@ -1,0 +1,116 @@
+"""A physical shrink in the middle of training carries the optimizer and scheduler state over."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_prune import ChannelGraph
+from lightning_prune.callbacks.base import PruningCallback
+from tests.helpers.modules import TinyModule, trainer
+
+
+class ShrinkAfterFirstEpoch(PruningCallback):
+    structured = True
+
+    def __init__(self):
+        super().__init__()
+        # independently of the replay: stem channels 0 and 3 are gone, the rest kept in order
+        keep = torch.tensor([1, 2, 4, 5, 6, 7])
+        old_stem = before["model.stem.0.weight"]
+        new_stem = opt.state[params["model.stem.0.weight"]]
+        for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            if key in old_stem:
+                assert torch.equal(new_stem[key], old_stem[key][keep])
+                assert old_stem[key].abs().sum() > 0
+        self.checked = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch != 0:
+            return
+        opt = trainer.optimizers[0]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        before = {names[id(p)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                  for p, s in opt.state.items()}
+        lr_before = opt.param_groups[0]["lr"]
+        sched_before = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+        graph = ChannelGraph(pl_module, pl_module.example_input_array)
+        removals = self.shrink_in_fit(trainer, pl_module, graph, {"model.stem.0": [0, 3], "model.blocks.0.0": [1]})
+
+        opt = trainer.optimizers[0]
+        params = dict(pl_module.named_parameters())
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+        assert opt.param_groups[0]["lr"] == lr_before
+        assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == sched_before
+        for name, state in before.items():  # every kept channel's state equals its value before
+            new = opt.state[params[name]]
+            assert new.keys() == state.keys()
+            for key, value in state.items():
+                expected = value
+                if torch.is_tensor(value) and value.dim() > 0:
+                    for r in removals:
+                        if r.param == name:
+                            expected = r.apply(expected)
+                    assert new[key].shape == params[name].shape
+                assert torch.equal(torch.as_tensor(new[key]), torch.as_tensor(expected)), (name, key)
+        self.checked = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch != 0:
+            return
+        opt = trainer.optimizers[0]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        before = {names[id(p)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                  for p, s in opt.state.items()}
+        lr_before = opt.param_groups[0]["lr"]
+        sched_before = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+        graph = ChannelGraph(pl_module, pl_module.example_input_array)
+        removals = self.shrink_in_fit(trainer, pl_module, graph, {"model.stem.0": [0, 3], "model.blocks.0.0": [1]})
+
+        opt = trainer.optimizers[0]
+        params = dict(pl_module.named_parameters())
+        assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params.values()}
+        assert opt.param_groups[0]["lr"] == lr_before
+        assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == sched_before
+        for name, state in before.items():
+            new = opt.state[params[name]]
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == params[name].shape:
+                    continue
+                if torch.is_tensor(value) and value.dim() > 0:
+                    expected = value
+                    for r in removals:
+                        if r.param == name:
+                            expected = r.apply(expected)
+                    assert torch.equal(new[key], expected), (name, key)
+                else:
+                    assert torch.equal(torch.as_tensor(new[key]), torch.as_tensor(value)), (name, key)
+            for key, value in state.items():  # every kept channel's state equals its value before
+                if torch.is_tensor(value) and value.dim() > 0:
+                    expected = value
+                    for r in removals:
+                        if r.param == name:
+                            expected = r.apply(expected)
+                    assert new[key].shape == params[name].shape
+                    assert torch.equal(new[key], expected), (name, key)
+        self.checked = {"params": len(before), "removed_from_stem": params["model.stem.0.weight"].shape[0]}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_state_of_kept_channels_survives_a_shrink(tmp_path, optimizer):
+    pl.seed_everything(0)
+    module = TinyModule(arch="resnet", optimizer=optimizer, lr=0.01)
+    cb = ShrinkAfterFirstEpoch()
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            steps.append(trainer.global_step)
+
+    trainer(tmp_path, [cb, Steps()], max_epochs=3).fit(module)
+    assert cb.checked == {"params": 22, "removed_from_stem": 6}
+    assert steps == [4, 8, 12]  # training went on, one step per batch
+    assert module.model.stem[0].out_channels == 6
+    if optimizer == "adam":
+        opt = module.trainer.optimizers[0]
+        step = next(iter(opt.state.values()))["step"]
+        assert float(step) == 12  # Adam's step counter continued across the shrink
