@@ -9,6 +9,7 @@ engine are involved.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -197,10 +198,19 @@ def load_pruned_checkpoint(
             f"`load_pruned_checkpoint(checkpoint_path={str(checkpoint_path)!r})`: the file holds no "
             "'state_dict' entry; expected a Lightning or ShrinkOnFitEnd checkpoint."
         )
-    hparams = {**checkpoint.get("hyper_parameters", {}), **overrides}
+    hparams = {**_constructor_arguments(module_class, checkpoint.get("hyper_parameters", {})), **overrides}
     module = module_class(**hparams)
     load_pruned_state_dict(module, checkpoint["state_dict"])
     return module.eval()
+
+
+def _constructor_arguments(module_class: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved hyperparameters the constructor accepts (LightningCLI adds ``_class_path`` and the like)."""
+    params = inspect.signature(module_class.__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {k: v for k, v in hparams.items() if not k.startswith("_")}
+    names = {p.name for p in params}
+    return {k: v for k, v in hparams.items() if k in names}
 
 
 def _resize(
