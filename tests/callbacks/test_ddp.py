@@ -43,7 +43,12 @@ def test_two_ranks_agree(tmp_path, mode):
 
 def test_structured_under_ddp_spawn_is_refused_in_setup(tmp_path):
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False, default_root_dir=tmp_path
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        logger=False,
+        default_root_dir=tmp_path,
     )
     snip = SNIPCallback(structured=True)
     trainer.fit_loop._data_source.instance = TinyModule()  # what Trainer.fit sets up before `setup`
