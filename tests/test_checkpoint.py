@@ -23,7 +23,7 @@ from torch import nn
 import lightning_prune.checkpoint as checkpoint_module
 from lightning_prune import PruningError, shrink
 from lightning_prune.checkpoint import load_pruned_state_dict
-from tests.helpers.zoo import kill_channels
+from tests.helpers.nets import kill_channels
 
 FRACTION = 0.3
 

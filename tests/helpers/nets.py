@@ -111,14 +111,22 @@ class RandomCNN(nn.Module):
         return self.head(x)
 
 
-def kill_channels(model: nn.Module, example_inputs, fraction: float, seed: int = 0) -> int:
-    """Zero the producing parameters of a random ``fraction`` of channels in every prunable group.
+def kill_channels(
+    model: nn.Module, example_inputs, fraction: float, seed: int = 0, graph: ChannelGraph | None = None
+) -> int:
+    """Zero every producing parameter of a random ``fraction`` of channels in each group, in place.
 
-    Returns the number of channels killed, counting every tied copy.
+    Only groups that shrink exactly (``prunable and exact``) are touched, so that
+    :func:`lightning_prune.shrink` may remove every killed channel: in each, the out/norm slices of the
+    chosen channels are zeroed in every coupled layer (norms without an affine shift keep their running
+    mean in a "norm" slice, a buffer).
+
+    Returns:
+        The number of channels killed, counting every tied copy (as ``ShrinkReport.channels_removed``).
     """
-    graph = ChannelGraph(model, example_inputs)
-    params = dict(model.named_parameters())
+    graph = graph if graph is not None else ChannelGraph(model, example_inputs)
     gen = torch.Generator().manual_seed(seed)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     killed = 0
     with torch.no_grad():
         for group in graph.groups:
@@ -126,10 +134,11 @@ def kill_channels(model: nn.Module, example_inputs, fraction: float, seed: int =
             if not (group.prunable and group.exact) or n == 0:
                 continue
             dead = torch.randperm(group.size, generator=gen)[:n]
-            killed += n * group.ties
             for s in group.slices:
-                if s.role in ("out", "norm") and s.param in params:
-                    params[s.param].index_fill_(s.dim, s.positions[torch.isin(s.channels, dead)], 0)
+                if s.role in ("out", "norm"):
+                    tensor = tensors[s.param]
+                    tensor.index_fill_(s.dim, s.positions[torch.isin(s.channels, dead)].to(tensor.device), 0)
+            killed += n * group.ties
     return killed
 
 
