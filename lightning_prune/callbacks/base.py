@@ -1,8 +1,9 @@
 """Machinery shared by every pruning callback.
 
 - sensitivity passes: the module's own ``training_step`` loss on batches of the trainer's training data;
-- unstructured masks kept exactly zero through every optimizer step (optimizer hooks, so manual and
-  automatic optimization, AMP, clipping and accumulation all see them);
+- unstructured masks kept exactly zero through every optimizer step: masked gradients are zeroed in
+  ``on_before_optimizer_step`` (after backward and AMP unscaling, before clipping, once per step under
+  gradient accumulation) and masked weights re-zeroed by an optimizer step post-hook;
 - physical shrinking inside ``fit``: optimizers rebuilt with their state sliced, DDP re-wrapped;
 - ranks agree: scores are summed over ranks, rank 0 decides and broadcasts;
 - resumable: masks live in the callback's ``state_dict`` (tensors and primitives only), and a fresh model
@@ -21,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs, to_device
@@ -75,7 +76,9 @@ class PruningCallback(Callback):
         self._layers: list[str] = []
         self._node_layers: list[str] = []  # selected layers whose outputs are not model outputs
         self._hooks: list[Any] = []
+        self._masked: list[tuple[list[torch.Tensor], list[torch.Tensor], Any]] = []
         self._resize_hook: Any = None
+        self._example: ExampleInputs | None = None
 
     # -- identity and state ----------------------------------------------------------------------------
     @property
@@ -102,7 +105,14 @@ class PruningCallback(Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the module and data fit the arguments; resize a shrunk model before weights load."""
+        """Check the module, data and strategy fit the arguments; let a shrunk checkpoint resize the model.
+
+        Lightning loads checkpoint weights after ``setup`` (in every stage): a ``load_state_dict`` pre-hook
+        gives the fresh model the shrunk shapes of the incoming weights first.
+        """
+        self._detach_resize()
+        self._resize_hook = pl_module.register_load_state_dict_pre_hook(_resize_before_load)
+        self._example = None
         if stage != "fit":
             return
         owner = type(self).__name__
@@ -116,7 +126,7 @@ class PruningCallback(Callback):
                 f"{owner} needs a training dataloader: pass `train_dataloaders` or a datamodule to "
                 "`Trainer.fit`, or define `train_dataloader()` on the module."
             )
-        if self.structured and not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
+        if self.structured and type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise PruningError(
                 f"{owner} shrinks the network during fit, which is supported with single-device and DDP "
                 f"strategies; got {type(trainer.strategy).__name__}."
@@ -130,17 +140,41 @@ class PruningCallback(Callback):
                 "copies the shrunk weights back into the main process's unshrunk module, which fails. Use "
                 "strategy='ddp'."
             )
-        self._layers = select_layers(pl_module, self.include, self.exclude, owner=owner)
-        if not self._layers:
-            raise PruningError(f"{owner}: include={self.include} and exclude={self.exclude} leave no layer.")
-        # Lightning loads checkpoint weights after `setup`: let a shrunk checkpoint resize the fresh model.
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the layers (after ``configure_model`` built them); frozen layers are never pruned."""
         self._detach_resize()
-        self._resize_hook = pl_module.register_load_state_dict_pre_hook(_resize_before_load)
+        owner = type(self).__name__
+        layers = select_layers(pl_module, self.include, self.exclude, owner=owner)
+        frozen = [n for n in layers if not pl_module.get_submodule(n).weight.requires_grad]
+        if frozen:
+            rank_zero_warn(f"{owner}: leaving frozen layers (weights without requires_grad) alone: {frozen}.")
+        self._layers = [n for n in layers if n not in frozen]
+        if not self._layers:
+            raise PruningError(
+                f"{owner}: include={self.include} and exclude={self.exclude} leave no trainable layer "
+                "to prune."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """(Re)attach the mask hooks to the optimizers; subclasses prune before calling this."""
-        self._detach_resize()
+        """(Re)attach the mask hooks; subclasses prune before calling this."""
         self._attach(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checkpoint weights are loaded by now: drop the resize hook."""
+        self._detach_resize()
+
+    on_test_start = on_predict_start = on_validation_start
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Zero masked gradients: after backward and AMP unscaling, before clipping and the step."""
+        for weights, masks, owner in self._masked:
+            if owner is optimizer:
+                for w, m in zip(weights, masks, strict=True):
+                    if w.grad is not None:
+                        w.grad.mul_(m)
 
     def _detach_resize(self) -> None:
         if getattr(self, "_resize_hook", None) is not None:
@@ -196,26 +230,19 @@ class PruningCallback(Callback):
                 continue
             weights = [p for p, _ in pairs]
             masks = [m.to(p.dtype) for p, m in pairs]
-
-            def mask_grads(_opt, _args, _kwargs, weights=weights, masks=masks) -> None:
-                grads = [w.grad for w in weights if w.grad is not None]
-                if len(grads) == len(weights):
-                    torch._foreach_mul_(grads, masks)
-                else:
-                    for w, m in zip(weights, masks, strict=True):
-                        if w.grad is not None:
-                            w.grad.mul_(m)
+            self._masked.append((weights, masks, opt))
 
             @torch.no_grad()
             def zero_weights(_opt, _args, _kwargs, weights=weights, masks=masks) -> None:
                 torch._foreach_mul_(weights, masks)
 
-            self._hooks += [opt.register_step_pre_hook(mask_grads), opt.register_step_post_hook(zero_weights)]
+            self._hooks.append(opt.register_step_post_hook(zero_weights))
 
     def _detach(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._masked = []
 
     # -- sensitivity passes ------------------------------------------------------------------------------
     def accumulate_gradients(
@@ -237,13 +264,14 @@ class PruningCallback(Callback):
         total, count = 0.0, 0
         try:
             pl_module.train(not eval_mode)
-            with _muted_logging(pl_module), torch.enable_grad():
+            precision = trainer.precision_plugin
+            with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context():
                 for batch_idx in range(self.num_batches):
                     try:
                         batch = next(batches)
                     except StopIteration:
                         break
-                    batch = trainer.strategy.batch_to_device(batch)
+                    batch = precision.convert_input(trainer.strategy.batch_to_device(batch))
                     loss = _loss_of(pl_module.training_step(batch, batch_idx), owner)
                     loss.backward()
                     total += float(loss.detach())
@@ -276,6 +304,8 @@ class PruningCallback(Callback):
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ExampleInputs:
         """``example_input_array`` if the module sets it, else the inputs of one training batch."""
+        if self._example is not None:
+            return self._example
         owner = type(self).__name__
         example = pl_module.example_input_array
         if example is None:
@@ -289,7 +319,8 @@ class PruningCallback(Callback):
                     f"{owner} needs example inputs to trace the model: set `example_input_array` on "
                     f"{type(pl_module).__name__} (batches are {type(batch).__name__}, not (inputs, ...))."
                 )
-        return to_device(example, pl_module.device)
+        self._example = trainer.precision_plugin.convert_input(to_device(example, pl_module.device))
+        return self._example
 
     # -- ranks ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -314,7 +345,9 @@ class PruningCallback(Callback):
     ) -> list[Removal]:
         """Remove channels during fit: optimizer state carried over, masks sliced, DDP re-wrapped."""
         snapshot = OptimizerSnapshot.capture(trainer, pl_module) if trainer.strategy.optimizers else None
-        self._detach()
+        for cb in trainer.callbacks:
+            if isinstance(cb, PruningCallback):
+                cb._detach()
         removals = graph.prune(plan)
         for cb in trainer.callbacks:
             if isinstance(cb, PruningCallback):
@@ -326,7 +359,7 @@ class PruningCallback(Callback):
             strategy.model = pl_module
             strategy.configure_ddp()
         for cb in trainer.callbacks:
-            if isinstance(cb, PruningCallback) and cb is not self and cb._hooks:
+            if isinstance(cb, PruningCallback) and cb.masks:
                 cb._attach(trainer, pl_module)
         self.shrunk = True
         return removals

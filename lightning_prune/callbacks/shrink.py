@@ -62,11 +62,18 @@ class ShrinkOnFitEnd(Callback):
                     f"got {value!r}."
                 )
         self.save_path = Path(save_path) if save_path is not None else None
+        if self.save_path is not None and self.save_path.is_dir():
+            raise PruningError(
+                f"`ShrinkOnFitEnd(save_path={str(save_path)!r})` is invalid: it is a directory; give a file "
+                "path such as 'outputs/shrunk.pt'."
+            )
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.report: dict[str, float] = {}
         self.shrink_report: ShrinkReport | None = None
         self._before: dict[str, float] = {}
+        self._device = torch.device("cpu")
+        self._inputs = PruningCallback()  # finds (and caches) example inputs when no pruner is present
 
     def state_dict(self) -> dict[str, Any]:
         """The figures measured at the start of the first fit (so a resumed fit compares with them)."""
@@ -76,19 +83,32 @@ class ShrinkOnFitEnd(Callback):
         """Restore the start-of-fit figures."""
         self._before = dict(state_dict.get("before", {}))
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse spawning strategies: the main process could not take the shrunk weights back."""
+        self._inputs._example = None
+        launcher = type(getattr(trainer.strategy, "launcher", None)).__name__
+        if stage == "fit" and launcher == "_MultiProcessingLauncher":
+            raise PruningError(
+                "ShrinkOnFitEnd cannot run under a spawning strategy (ddp_spawn): Lightning copies the "
+                "shrunk weights back into the main process's unshrunk module, which fails. Use "
+                "strategy='ddp'."
+            )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the model before any callback prunes it (once; a resumed fit keeps the first figures)."""
+        self._device = pl_module.device
         if not self._before:
             self._before = self._measure(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Make masks permanent, shrink, measure, report, save."""
-        pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]
-        for cb in pruners:
-            cb.make_permanent(pl_module)
+        for cb in trainer.callbacks:
+            if isinstance(cb, PruningCallback):
+                cb.make_permanent(pl_module)
+        # Lightning's teardown moved the module to the CPU: shrink and measure on the training device.
+        teardown_device = pl_module.device
+        pl_module.to(self._device)
         result = shrink(pl_module, self._example(trainer, pl_module))
-        for cb in pruners:
-            cb.slice_masks(result.removals)
         self.shrink_report = result
         after = self._measure(trainer, pl_module)
         self.report = {
@@ -105,10 +125,11 @@ class ShrinkOnFitEnd(Callback):
             Console().print(self.table())
             if self.save_path is not None:
                 save_shrunk(pl_module, self.save_path)
+        pl_module.to(teardown_device)
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]
-        return (pruners[0] if pruners else PruningCallback()).example_inputs(trainer, pl_module)
+        return (pruners[0] if pruners else self._inputs).example_inputs(trainer, pl_module)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         example = self._example(trainer, pl_module)

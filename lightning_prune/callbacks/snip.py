@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import connection_sensitivity, group_sum
@@ -37,14 +37,15 @@ class SNIPCallback(PruningCallback):
     ``num_batches`` training batches (BatchNorm in eval mode, no optimizer step, gradients cleared after).
 
     - Unstructured (default): every selected Conv/Linear weight is scored ``|g ⊙ w|``; one global ranking
-      keeps the top ``round(n · (1 − limit))``. The pruned weights stay exactly zero through training
-      (gradients masked before and weights re-zeroed after every optimizer step: momentum, weight decay,
-      Adam, clipping and AMP included).
+      keeps the top ``round(n · (1 − limit))``. The pruned weights stay exactly zero through training:
+      their gradients are zeroed before clipping and every optimizer step, and the weights re-zeroed after
+      it, so momentum, weight decay, Adam moments, clipping norms and AMP all leave them at zero.
     - Structured (``structured=True``, the group SNIP of "SNIP-pytorch"): each channel group is scored by the
       summed ``|g ⊙ w|`` of its producing conv/linear weights (over every coupled producer of a residual
-      group); the lowest ``limit`` fraction of the selected nodes (output channels) is removed physically,
-      never emptying a layer, so the whole training runs on the smaller network. Layers producing the
-      model's output are never shrunk.
+      group); in one global ranking, the lowest-scoring channels are removed physically until ``limit`` of
+      the nodes (conv/linear output channels) of the prunable groups are gone — a channel shared by several
+      producers counts once per producer — never emptying a layer, so the whole training runs on the
+      smaller network. Layers producing the model's output, excluded and frozen layers are never shrunk.
 
     Under DDP, scores are summed over ranks and rank 0's decision is broadcast, so every rank prunes the
     same weights. The decision is saved in checkpoints; resuming does not prune again.
@@ -108,9 +109,11 @@ class SNIPCallback(PruningCallback):
                 self._prune_weights(trainer, pl_module)
             self.pruned = True
             metrics = self.sparsity_metrics(pl_module)
-            metrics["prune/macs"] = float(
-                model_stats(pl_module, self.example_inputs(trainer, pl_module)).macs
-            )
+            try:
+                example = self.example_inputs(trainer, pl_module)
+                metrics["prune/macs"] = float(model_stats(pl_module, example).macs)
+            except PruningError as err:  # unstructured pruning needs no inputs; MACs are optional
+                rank_zero_warn(f"{type(self).__name__}: prune/macs not logged: {err}")
             metrics["prune/seconds"] = time.perf_counter() - start
             self.report = metrics
             self.log_metrics(trainer, metrics)

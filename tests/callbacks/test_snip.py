@@ -39,7 +39,9 @@ def test_unstructured_masks_hold_exactly_through_training(tmp_path, optimizer):
     pl.seed_everything(0)
     module = TinyModule(optimizer=optimizer, lr=0.01)
     snip = SNIPCallback(limit=0.8)
-    trainer(tmp_path, [snip], max_epochs=3, gradient_clip_val=1.0).fit(module)
+    spy = MaskSpy(snip)
+    trainer(tmp_path, [snip, spy], max_epochs=3, gradient_clip_val=1.0).fit(module)
+    assert spy.masked_grad_sum == 0.0  # clipping never saw the pruned weights' gradients
     weights = [n for n in snip.masks]
     assert len(weights) == 4  # every Conv/Linear weight, the classifier included
     total = sum(m.numel() for m in snip.masks.values())
@@ -52,13 +54,75 @@ def test_unstructured_masks_hold_exactly_through_training(tmp_path, optimizer):
     assert snip.report["prune/weight_sparsity"] == pytest.approx(0.8, abs=1 / total)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_masks_hold_under_mixed_precision(tmp_path, precision):
+class MaskSpy(pl.Callback):
+    """Placed after the pruning callback: sees the gradients that clipping and the optimizer will see."""
+
+    def __init__(self, snip):
+        self.snip, self.masked_grad_sum, self.steps = snip, 0.0, 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = dict(pl_module.named_parameters())
+        for name, mask in self.snip.masks.items():
+            if params[name].grad is not None:
+                self.masked_grad_sum += float(params[name].grad[~mask].abs().sum())
+        self.steps += 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"precision": "bf16-mixed"},
+        {"precision": "bf16-true"},
+        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5},
+        pytest.param(
+            {"precision": "16-mixed", "accelerator": "cuda"},
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP needs CUDA"),
+        ),
+    ],
+    ids=["bf16-mixed", "bf16-true", "accumulate+clip", "16-mixed-cuda"],
+)
+def test_masked_gradients_and_optimizer_state_stay_zero(tmp_path, options):
     pl.seed_everything(0)
     module = TinyModule()
     snip = SNIPCallback(limit=0.5)
-    trainer(tmp_path, [snip], max_epochs=2, precision=precision).fit(module)
-    assert zero_fraction(module, snip.masks) >= 0.5
+    spy = MaskSpy(snip)
+    trainer(tmp_path, [snip, spy], max_epochs=2, **options).fit(module)
+    assert spy.steps > 0 and spy.masked_grad_sum == 0.0
+    params = dict(module.named_parameters())
+    opt = module.trainer.optimizers[0]
+    for name, mask in snip.masks.items():
+        mask = mask.to(params[name].device)
+        assert torch.all(params[name][~mask] == 0), name
+        assert torch.all(opt.state[params[name]]["momentum_buffer"][~mask] == 0), name
+
+
+def test_frozen_layers_are_left_alone(tmp_path):
+    module = TinyModule()
+    module.model.features.requires_grad_(False)
+    snip = SNIPCallback(limit=0.5)
+    with pytest.warns(UserWarning, match="leaving frozen layers"):
+        trainer(tmp_path, [snip], max_steps=1).fit(module)
+    assert list(snip.masks) == ["model.classifier.1.weight", "model.classifier.3.weight"]
+    assert torch.count_nonzero(module.model.features[0].weight) == module.model.features[0].weight.numel()
+
+
+def test_dict_batches_prune_and_skip_macs_with_a_warning(tmp_path):
+    class DictBatches(TinyModule):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+        def train_dataloader(self):
+            data = [{"x": x, "y": y} for x, y in synthetic_data()]
+            return DataLoader(data, batch_size=16)
+
+        val_dataloader = None
+
+    module = DictBatches()
+    module.example_input_array = None
+    snip = SNIPCallback(limit=0.5)
+    with pytest.warns(UserWarning, match="prune/macs not logged"):
+        trainer(tmp_path, [snip], max_steps=1).fit(module)
+    assert snip.report["prune/weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_scores_are_the_connection_sensitivity(tmp_path):
