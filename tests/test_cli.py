@@ -19,15 +19,6 @@ FAST = ["--trainer.fast_dev_run=true", "--trainer.logger=false"]
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def plain_argv(monkeypatch):
     """`main(args)` must not see pytest's own command line (LightningCLI warns when both are set)."""
     monkeypatch.setattr("sys.argv", ["lightning-prune"])

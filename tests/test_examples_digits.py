@@ -15,15 +15,6 @@ from lightning_prune import PruningError
 from lightning_prune.examples import DigitsClassifier, DigitsDataModule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data() -> DigitsDataModule:
     dm = DigitsDataModule(batch_size=64)
