@@ -1,0 +1,284 @@
+"""Which torchvision classification models `shrink` handles exactly: docs/supported-architectures.md.
+
+Every model (``weights=None``, ``num_classes=10``, eval mode, BatchNorm statistics calibrated, see
+``tests/helpers/zoo.py``) gets a random 30% of the channels of every prunable, exact group killed
+(producing parameters zeroed); reference outputs are computed, the model is shrunk without shrink's
+own verification, and the outputs are compared (rtol 1e-4, atol 1e-5).
+
+Usage, from the repository root::
+
+    python benchmarks/zoo_coverage.py --jsonl zoo.jsonl --out docs/supported-architectures.md
+    python benchmarks/zoo_coverage.py --jsonl zoo.jsonl resnet18 vgg11_bn   # some models only
+
+Each model runs in a fresh subprocess under an address-space limit (``--memory-gb``) and a time
+limit (``--timeout``), so a crash or a memory blow-up is recorded, not fatal. Results are appended
+to ``--jsonl`` as they come; models already there are skipped unless ``--rerun`` is given, so an
+interrupted run resumes. ``--no-run`` only renders the file. Without ``--out`` the page goes to
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FRACTION = 0.3
+
+# Why a family fails, for the page (the raw error is shown as well).
+EXPLANATIONS = {
+    "shufflenet_v2": (
+        "Channel shuffle (`view(n, 2, c/2, h, w)` → `transpose(1, 2)` → `view(n, c, h, w)`) "
+        "permutes channels across the concatenation of the two branches. Torch-Pruning maps "
+        "channels through a reshape by comparing channel counts it infers along the graph; "
+        "around the shuffle (and the `chunk` behind it, whose sizes Torch-Pruning 1.6 cannot "
+        "read from PyTorch ≥ 2 and infers through the shuffle) the inferred count is 0 and "
+        "tracing fails with ZeroDivisionError."
+    ),
+    "swin": (
+        "Window partition and attention-head reshapes (`(B, H, W, C)` → `(B, H/7, 7, W/7, 7, C)`, "
+        "`(B·nW, N, heads, C/heads)` → `(B·nW, N, C)`) are misread as flattening, and "
+        "Torch-Pruning's flatten index mapping multiplies the index lists at every block: "
+        "building the first group needs tens of GB (MemoryError under the limit)."
+    ),
+    "maxvit": (
+        "Block/grid partition reshapes (rank 6) are misread as flattening, as in Swin: the "
+        "index lists of the first group grow to tens of GB (MemoryError under the limit)."
+    ),
+}
+
+NOTES = """\
+## Reading the table
+
+- **removed / killed**: channels `shrink` removed / channels the test zeroed (equal when every
+  dead channel goes; tied copies in grouped convolutions count separately).
+- **params, MACs**: after shrinking, as a fraction of before.
+- **groups: shrunk / LayerNorm / fixed**: channel groups that can shrink exactly; groups left
+  alone because a LayerNorm (or GroupNorm) normalizes across their channels, so removing even a
+  dead channel changes the statistics (the residual stream of ConvNeXt, ViT, Swin, MaxViT); and
+  groups that cannot be resized at all (the classifier output, `nn.MultiheadAttention` embedding
+  dims in ViT, channels behind a reshape the engine cannot follow).
+- Inputs are small (64×64 for CNNs, 96×96 for Inception v3, 224×224 where positional
+  embeddings or partitions need it); the result does not depend on the size.
+"""
+
+
+def run_one(name: str, memory_gb: float, fraction: float = FRACTION) -> dict:
+    """Kill, shrink and compare one model; never raises."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from lightning_prune import ChannelGraph, shrink
+    from tests.helpers.nets import kill_channels
+    from tests.helpers.zoo import address_space_limit, zoo_model
+
+    record: dict = {"model": name, "status": "error"}
+    start = time.perf_counter()
+    stage = "build"
+    try:
+        with address_space_limit(memory_gb):
+            model, x = zoo_model(name)
+            record["input"] = list(x.shape)
+            stage = "trace"
+            graph = ChannelGraph(model, x)
+            groups = graph.groups
+            record["groups_exact"] = sum(g.prunable and g.exact for g in groups)
+            record["groups_inexact"] = sum(g.prunable and not g.exact for g in groups)
+            record["channels_inexact"] = sum(g.size for g in groups if g.prunable and not g.exact)
+            record["not_prunable"] = dict(Counter(_reason_kind(g.reason) for g in groups if not g.prunable))
+            stage = "kill"
+            record["killed"] = kill_channels(model, x, fraction, seed=0, graph=graph)
+            with torch.no_grad():
+                reference = model(x)
+            stage = "shrink"
+            report = shrink(model, x, verify=False)
+            with torch.no_grad():
+                output = model(x)
+        stage = "compare"
+        record["removed"] = report.channels_removed
+        record["params"] = [report.before.params, report.after.params]
+        record["macs"] = [report.before.macs, report.after.macs]
+        record["max_abs_diff"] = float((output - reference).abs().max())
+        record["output_scale"] = float(reference.abs().max())
+        same = output.shape == reference.shape and torch.allclose(output, reference, rtol=1e-4, atol=1e-5)
+        record["status"] = "exact" if same else "changed"
+    except Exception as err:  # recorded: the page says why
+        record["stage"] = stage
+        record["error"] = f"{type(err).__name__}: {err}"[:2000]
+        record["traceback"] = traceback.format_exc()[-4000:]
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return record
+
+
+def _reason_kind(reason: str) -> str:
+    """A short label for why a group is not prunable."""
+    if "cannot be resized here" in reason:
+        return "attention embed dim"
+    if "frozen" in reason:
+        return "classifier output"
+    if "reshape" in reason:
+        return "behind an unsupported reshape"
+    if "grouped layer behind" in reason:
+        return "grouped conv behind concat/split"
+    return reason.split(";")[0][:60]
+
+
+def run_isolated(name: str, timeout: float, memory_gb: float) -> dict:
+    """Run :func:`run_one` in a fresh interpreter."""
+    cmd = [sys.executable, __file__, "--child", name, "--memory-gb", str(memory_gb)]
+    start = time.perf_counter()
+    failed = {"model": name, "status": "error"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return failed | {"stage": "timeout", "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        seconds = round(time.perf_counter() - start, 1)
+        error = f"exit code {done.returncode}: {done.stderr[-500:]}"
+        return failed | {"stage": "crash", "error": error, "seconds": seconds}
+    return json.loads(lines[-1])
+
+
+def classification_models() -> list[str]:
+    """Every classification model torchvision registers."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def render(records: list[dict], command: str) -> str:
+    """The supported-architectures page."""
+    import torch
+    import torch_pruning
+    import torchvision
+
+    by_name = {r["model"]: r for r in records}
+    names = [n for n in classification_models() if n in by_name]
+    exact = [n for n in names if by_name[n]["status"] == "exact"]
+    failed = [n for n in names if n not in exact]
+    lines = [
+        "# Supported architectures",
+        "",
+        f"`shrink` removes dead channels exactly from **{len(exact)} of the {len(names)}** "
+        f"classification models in torchvision {torchvision.__version__} (torch "
+        f"{torch.__version__}, Torch-Pruning {torch_pruning.__version__}, {platform.machine()} "
+        "CPU).",
+        "",
+        f"Each model was built with `weights=None, num_classes=10`, its BatchNorm statistics "
+        f"calibrated on random images, {FRACTION:.0%} of the channels of every prunable, exact "
+        "group killed (producing parameters zeroed) and shrunk with `verify=False`; the outputs "
+        "before and after were then compared in eval mode (`allclose`, rtol 1e-4, atol 1e-5). "
+        "`tests/test_zoo.py` runs the same check (`pytest -m slow` for every model).",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+    ]
+    if failed:
+        lines += ["## Not supported", ""]
+        for n in failed:
+            r = by_name[n]
+            why = next((t for k, t in EXPLANATIONS.items() if n.startswith(k)), "")
+            error = _first_line(r.get("error", f"outputs changed by {r.get('max_abs_diff')}"))
+            lines.append(f"- **{n}** ({r.get('stage', 'compare')}: `{error}`). {why}".rstrip())
+        lines.append("")
+    lines += [
+        "## Results",
+        "",
+        "| model | input | exact | removed / killed | params | MACs | groups: shrunk / "
+        "LayerNorm / fixed | peak RSS | seconds | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        lines.append(_row(by_name[n]))
+    lines += ["", NOTES]
+    return "\n".join(lines)
+
+
+def _row(r: dict) -> str:
+    size = f"{r['input'][-1]}" if r.get("input") else "-"
+    rss = f"{r['peak_rss_gb']:.1f} GB" if "peak_rss_gb" in r else "-"
+    seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+    if "removed" not in r:
+        error = _first_line(r.get("error", "")).replace("|", "\\|")
+        return f"| {r['model']} | {size} | no | - | - | - | - | {rss} | {seconds} | {error} |"
+    ok = "yes" if r["status"] == "exact" else f"**no** (diff {r['max_abs_diff']:.2g})"
+    params = r["params"][1] / r["params"][0]
+    macs = r["macs"][1] / max(r["macs"][0], 1)
+    fixed = sum(r["not_prunable"].values())
+    groups = f"{r['groups_exact']} / {r['groups_inexact']} / {fixed}"
+    notes = []
+    if r["groups_inexact"]:
+        notes.append(f"{r['channels_inexact']:,} channels LayerNorm-coupled")
+    for kind, count in sorted(r["not_prunable"].items()):
+        if kind != "classifier output":
+            notes.append(f"{count} {kind}")
+    removed = f"{r['removed']:,} / {r['killed']:,}"
+    return (
+        f"| {r['model']} | {size} | {ok} | {removed} | {params:.0%} | {macs:.0%} | {groups} | "
+        f"{rss} | {seconds} | {'; '.join(notes)} |"
+    )
+
+
+def _first_line(text: str) -> str:
+    return (text.splitlines() or [""])[0][:160]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model names (default: every one)")
+    parser.add_argument("--jsonl", type=Path, help="results file, one JSON object per model")
+    parser.add_argument("--out", type=Path, help="write the markdown page here (default stdout)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
+    parser.add_argument("--memory-gb", type=float, default=16.0, help="address space per model")
+    parser.add_argument("--rerun", action="store_true", help="run models already in --jsonl")
+    parser.add_argument("--no-run", action="store_true", help="only render --jsonl")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(run_one(args.child, args.memory_gb)), flush=True)
+        return
+
+    records: dict[str, dict] = {}
+    if args.jsonl and args.jsonl.exists():
+        for line in args.jsonl.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["model"]] = record
+    if not args.no_run:
+        for name in args.models or classification_models():
+            if name in records and not args.rerun:
+                continue
+            record = run_isolated(name, args.timeout, args.memory_gb)
+            records[name] = record
+            error = record.get("error", "")[:200]
+            print(f"{name}: {record['status']} {record.get('seconds')} s {error}", file=sys.stderr)
+            if args.jsonl:
+                with args.jsonl.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+    command = "python benchmarks/zoo_coverage.py " + " ".join(
+        a for a in (argv if argv is not None else sys.argv[1:])
+    )
+    page = render(list(records.values()), command.strip())
+    if args.out:
+        args.out.write_text(page)
+    else:
+        sys.stdout.write(page)
+
+
+if __name__ == "__main__":
+    main()
