@@ -39,8 +39,8 @@ FAST = [
 ALL = torchvision.models.list_models(module=torchvision.models)
 
 # A blow-up in the engine's index mapping raises MemoryError under this limit instead of taking the
-# machine down; the largest model that works (regnet_y_128gf) peaks at about 8 GB.
-MEMORY_GB = 14
+# machine down; the largest model that works (vit_h_14) peaks at about 9 GB.
+MEMORY_GB = 16
 
 _SHUFFLE = (
     "channel shuffle (view -> transpose -> view) permutes channels across a concatenation; "
@@ -50,15 +50,17 @@ _PARTITION = (
     "window-partition and attention-head reshapes are misread as flattening; Torch-Pruning's "
     "index lists grow to tens of GB while building the first group"
 )
+_PATCH_MERGING = (
+    "patch merging concatenates on dim -1, which PyTorch saves as 2**64 - 1; Torch-Pruning takes "
+    "it for a channel concatenation, cannot infer its input sizes and fails with TypeError"
+)
 # name -> (exception raised, why). Each is a strict xfail: a model that starts to work fails the
 # suite, so this list stays honest.
-UNSUPPORTED: dict[str, tuple[type[Exception] | tuple[type[Exception], ...], str]] = {
+UNSUPPORTED: dict[str, tuple[type[Exception], str]] = {
     **{f"shufflenet_v2_{w}": (PruningError, _SHUFFLE) for w in ("x0_5", "x1_0", "x1_5", "x2_0")},
-    **{
-        f"swin_{v}": ((MemoryError, PruningError), _PARTITION)
-        for v in ("t", "s", "b", "v2_t", "v2_s", "v2_b")
-    },
-    "maxvit_t": ((MemoryError, PruningError), _PARTITION),
+    **{name: (MemoryError, _PARTITION) for name in ("swin_t", "swin_v2_t", "swin_v2_s", "swin_v2_b")},
+    **{name: (PruningError, _PATCH_MERGING) for name in ("swin_s", "swin_b")},
+    "maxvit_t": (MemoryError, _PARTITION),
 }
 
 
