@@ -2,8 +2,16 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lightning_prune.callbacks import PruningCallback, ShrinkOnFitEnd, SNIPCallback
+from lightning_prune.callbacks import (
+    IterativeSNIPCallback,
+    PruningCallback,
+    ShrinkOnFitEnd,
+    SNAPit,
+    SNIPCallback,
+    SNIPit,
+)
 from lightning_prune.checkpoint import load_pruned_checkpoint, load_pruned_state_dict
+from lightning_prune.criteria import list_criteria
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import ModelStats, measure_latency, model_stats
 from lightning_prune.structure import (
@@ -23,15 +31,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 __all__ = [
     "ChannelGraph",
     "ChannelGroup",
+    "IterativeSNIPCallback",
     "ModelStats",
     "ParamSlice",
     "PruningCallback",
     "PruningError",
     "Removal",
+    "SNAPit",
     "SNIPCallback",
+    "SNIPit",
     "ShrinkOnFitEnd",
     "ShrinkReport",
     "__version__",
+    "list_criteria",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "measure_latency",

@@ -10,7 +10,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_prune.cli as cli_module
-from lightning_prune import ShrinkOnFitEnd, SNIPCallback, load_pruned_checkpoint
+from lightning_prune import ShrinkOnFitEnd, SNAPit, SNIPCallback, load_pruned_checkpoint
 from lightning_prune.cli import main
 from lightning_prune.examples import DigitsClassifier
 
@@ -148,3 +148,25 @@ def test_out_of_range_callback_argument_names_the_argument(in_tmp):
         ValueError, match=r"`SNIPCallback\(limit=1.5\)` is invalid: `limit` must be in \[0, 1\)"
     ):
         main(["fit", "--config", str(bad), *FAST])
+
+
+SNAPIT = CONFIG.with_name("digits_snapit.yaml")
+
+
+def test_snapit_during_config_smoke_runs(in_tmp, captured):
+    main(["fit", "--config", str(SNAPIT), *FAST])
+    (cli,) = captured
+    snapit = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SNAPit))
+    assert (snapit.limit, snapit.when, snapit.event_epochs()) == (0.8, "during", [4, 6, 8, 10, 12])
+
+
+def test_snapit_during_config_shrinks_at_each_event(in_tmp, captured):
+    main(["fit", "--config", str(SNAPIT), "--trainer.max_epochs=12", "--trainer.logger=false"])
+    (cli,) = captured
+    snapit = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SNAPit))
+    assert snapit.step == 5
+    assert snapit.report["prune/node_sparsity"] == pytest.approx(0.8, abs=0.02)
+    dense = sum(p.numel() for p in DigitsClassifier().parameters())
+    assert sum(p.numel() for p in cli.model.parameters()) < 0.2 * dense
+    loaded = load_pruned_checkpoint(DigitsClassifier, in_tmp / "outputs" / "digits_snapit" / "shrunk.pt")
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in cli.model.parameters())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +30,8 @@ from lightning_prune.callbacks._optim import OptimizerSnapshot
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
 from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, Removal, select_layers
+
+_END = object()
 
 
 class PruningCallback(Callback):
@@ -245,49 +247,44 @@ class PruningCallback(Callback):
         self._masked = []
 
     # -- sensitivity passes ------------------------------------------------------------------------------
-    def accumulate_gradients(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batches: Iterator[Any],
-        eval_mode: bool = True,
-    ) -> float:
-        """Backpropagate the module's training loss over ``num_batches`` batches; return the mean loss.
+    def scoring_batches(self, trainer: pl.Trainer, batches: Iterator[Any]) -> list[Any]:
+        """The next ``num_batches`` batches of ``batches``, on the training device and in its precision.
 
-        Gradients are accumulated into ``.grad`` of every parameter (cleared first). The caller reads them
-        and calls :meth:`clear_gradients`. The module's train/eval modes are restored; BatchNorm runs in
-        eval mode when ``eval_mode`` (the official SNIP choice). No optimizer step is taken.
+        A loader with fewer batches is restarted (from :meth:`train_batches`) to fill the count.
         """
-        owner = type(self).__name__
-        modes = {m: m.training for m in pl_module.modules()}
-        self.clear_gradients(pl_module)
-        total, count = 0.0, 0
-        try:
-            pl_module.train(not eval_mode)
-            precision = trainer.precision_plugin
-            with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context():
-                for batch_idx in range(self.num_batches):
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    batch = precision.convert_input(trainer.strategy.batch_to_device(batch))
-                    loss = _loss_of(pl_module.training_step(batch, batch_idx), owner)
-                    loss.backward()
-                    total += float(loss.detach())
-                    count += 1
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        if count == 0:
-            raise PruningError(f"{owner}: the training dataloader yielded no batch.")
-        return total / count
+        precision, taken = trainer.precision_plugin, []
+        for _ in range(self.num_batches):
+            batch = next(batches, _END)
+            if batch is _END:
+                batch = next(self.train_batches(trainer), _END)
+                if batch is _END:
+                    raise PruningError(f"{type(self).__name__}: the training dataloader yielded no batch.")
+            taken.append(precision.convert_input(trainer.strategy.batch_to_device(batch)))
+        return taken
 
-    @staticmethod
-    def clear_gradients(pl_module: nn.Module) -> None:
-        """Drop every parameter's ``.grad``."""
-        for p in pl_module.parameters():
-            p.grad = None
+    def loss_stream(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]
+    ) -> Callable[[], Iterator[torch.Tensor]]:
+        """A replayable stream of the module's ``training_step`` losses on ``batches`` (for criteria).
+
+        While it runs, the module is in eval mode (BatchNorm uses its running statistics: the official SNIP
+        choice), ``self.log`` is muted and gradients are enabled under the precision plugin's context;
+        modes are restored when the stream ends. Nothing is stepped.
+        """
+        owner, precision = type(self).__name__, trainer.precision_plugin
+
+        def losses() -> Iterator[torch.Tensor]:
+            modes = {m: m.training for m in pl_module.modules()}
+            try:
+                pl_module.eval()
+                with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context():
+                    for batch_idx, batch in enumerate(batches):
+                        yield _loss_of(pl_module.training_step(batch, batch_idx), owner)
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+
+        return losses
 
     def train_batches(self, trainer: pl.Trainer) -> Iterator[Any]:
         """A fresh iterator over the training data (the trainer's own iterator is not touched)."""

@@ -1,12 +1,15 @@
-"""Connection sensitivity (SNIP, arXiv:1810.02340) and its channel-group aggregation."""
+"""Gradient-based criteria: SNIP, SNAP (SNAP-it's node sensitivity), Taylor gates, GraSP."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
-from lightning_prune.structure import ChannelGroup
+from lightning_prune.criteria.registry import Criterion, ScoringInputs, register_criterion
+from lightning_prune.structure import _ROOT_TYPES, ChannelGroup
 
 
 def connection_sensitivity(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -46,3 +49,177 @@ def group_sum(
         per_position = part.movedim(s.dim, 0).reshape(len(s.positions), -1).sum(1)
         total.index_add_(0, s.channels, per_position.detach().to("cpu", torch.float64))
     return total
+
+
+def summed_gradients(
+    losses: Iterable[torch.Tensor], tensors: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], float]:
+    """``Σ_batches ∂L_b/∂t`` for each tensor (zeros where the loss does not depend on it) and the mean loss.
+
+    Uses ``torch.autograd.grad``: no ``.grad`` attribute is touched.
+    """
+    sums = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
+    total, count = 0.0, 0
+    for loss in losses:
+        grads = torch.autograd.grad(loss, list(tensors), allow_unused=True)
+        for acc, g in zip(sums, grads, strict=True):
+            if g is not None:
+                acc += g.float()
+        total += float(loss.detach())
+        count += 1
+    return sums, total / max(count, 1)
+
+
+def producer_weights(module: nn.Module, groups: Iterable[ChannelGroup]) -> dict[str, nn.Parameter]:
+    """The weights of the conv/linear layers producing ``groups``' channels, by parameter name."""
+    found = {}
+    for g in groups:
+        for p in g.producers:
+            layer = module.get_submodule(p)
+            if isinstance(layer, _ROOT_TYPES):
+                found[f"{p}.weight"] = layer.weight
+    return found
+
+
+@contextlib.contextmanager
+def output_gates(module: nn.Module, layers: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Multiply the output of each conv/linear layer by a gate of ones (one per output channel).
+
+    The gates are float32 leaves that require grad; the forward pass is unchanged. SNAP's gate sits after
+    the bias, before any norm layer, which is where a forward hook on the layer puts it.
+    """
+    gates, handles = {}, []
+    for name in layers:
+        layer = module.get_submodule(name)
+        is_conv = isinstance(layer, nn.modules.conv._ConvNd)
+        size = layer.out_channels if is_conv else layer.out_features
+        gate = torch.ones(size, device=layer.weight.device, requires_grad=True)
+
+        def hook(mod, args, out, gate=gate, is_conv=is_conv):
+            dim = (1 if out.dim() == 2 + len(mod.kernel_size) else 0) if is_conv else out.dim() - 1
+            shape = [1] * out.dim()
+            shape[dim] = -1
+            return out * gate.to(out.dtype).view(shape)
+
+        handles.append(layer.register_forward_hook(hook))
+        gates[name] = gate
+    try:
+        yield gates
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _gate_sum(
+    group: ChannelGroup, values: Mapping[str, torch.Tensor], suffix: str = ".weight"
+) -> torch.Tensor:
+    """Per-channel sum of 1-D ``values`` (layer → one value per output channel) over the group's slices."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for s in group.slices:
+        layer = s.param[: -len(suffix)] if s.param.endswith(suffix) else None
+        if layer in values and s.role in ("out", "norm"):
+            part = values[layer].index_select(0, s.positions.to(values[layer].device))
+            total.index_add_(0, s.channels, part.detach().to("cpu", torch.float64))
+    return total
+
+
+@register_criterion
+class SNIP(Criterion):
+    """Connection sensitivity ``|∂L/∂w ⊙ w|`` (Lee et al. 2019, arXiv:1810.02340).
+
+    Gradients are summed over the scoring batches. Structured: a channel's score is the summed sensitivity
+    of its producing weights over every coupled producer (the "SNIP-pytorch" group variant). SNIP-it's
+    division by the loss does not change a ranking and is left out.
+    """
+
+    name = "snip"
+    weights = nodes = True
+
+    def weight_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
+        names = list(inputs.weights)
+        grads, _ = summed_gradients(inputs.losses(), [inputs.weights[n] for n in names])
+        return {
+            n: connection_sensitivity(inputs.weights[n].detach().float(), g)
+            for n, g in zip(names, grads, strict=True)
+        }
+
+    def node_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
+        weights = producer_weights(inputs.module, inputs.groups)
+        saliency = self.weight_scores(ScoringInputs(inputs.module, weights, inputs.losses, inputs.groups))
+        return {g.name: group_sum(g, saliency) for g in inputs.groups}
+
+
+@register_criterion
+class SNAP(Criterion):
+    """SNAP: node sensitivity ``|∂L/∂gate|`` of gates on conv/linear outputs (SNAP-it, arXiv:2006.00896).
+
+    The gradient of a gate is ``Σ ∂L/∂y ⊙ y`` over the node's outputs (batch and positions), summed over
+    the scoring batches before the absolute value; a channel shared by several producers (a residual group)
+    scores the sum over its producers. The paper's division by ``|L|`` does not change a ranking.
+    """
+
+    name = "snap"
+    nodes = True
+
+    def node_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
+        layers = [n.removesuffix(".weight") for n in producer_weights(inputs.module, inputs.groups)]
+        with output_gates(inputs.module, layers) as gates:
+            grads, _ = summed_gradients(inputs.losses(), list(gates.values()))
+        values = {n: g.abs() for n, g in zip(gates, grads, strict=True)}
+        return {g.name: _gate_sum(g, values) for g in inputs.groups}
+
+
+@register_criterion
+class Taylor(Criterion):
+    """First-order Taylor importance ``|γ · ∂L/∂γ|`` of channel gates (GateDecorators, arXiv:1909.08174).
+
+    The gates are the scales ``γ`` of the norm layers in each group (summed over the group's norms);
+    a group without a norm layer gets a gate of ones on its producers' outputs (then the score equals SNAP's).
+    """
+
+    name = "taylor"
+    nodes = True
+
+    def node_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
+        module = inputs.module
+        params = dict(module.named_parameters())
+        scales, bare = {}, []
+        for g in inputs.groups:
+            norms = [s.param for s in g.slices if s.role == "norm" and s.param.endswith(".weight")]
+            norms = [n for n in norms if n in params and params[n].dim() == 1]
+            scales.update({n.removesuffix(".weight"): params[n] for n in norms})
+            if not norms:
+                bare += [n.removesuffix(".weight") for n in producer_weights(module, [g])]
+        with output_gates(module, bare) as gates:
+            tensors = {**scales, **gates}
+            grads, _ = summed_gradients(inputs.losses(), list(tensors.values()))
+        values = {n: (t.detach().float() * g).abs() for (n, t), g in zip(tensors.items(), grads, strict=True)}
+        return {g.name: _gate_sum(g, values) for g in inputs.groups}
+
+
+@register_criterion
+class GraSP(Criterion):
+    """Gradient Signal Preservation (Wang, Zhang, Grosse, ICLR 2020, arXiv:2002.07376).
+
+    The paper scores ``S(−θ) = −θ ⊙ Hg`` and removes the weights with the LARGEST scores (their removal
+    reduces the gradient norm least, or raises it). Here higher = keep, so the returned score is
+    ``θ ⊙ Hg``. ``g`` is the gradient summed over the scoring batches and held fixed; ``Hg`` is the
+    Hessian-gradient product ``∂(Σ_b ∇L_b · g)/∂θ`` on the same batches (double backward).
+    """
+
+    name = "grasp"
+    weights = True
+
+    def weight_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
+        names = list(inputs.weights)
+        ws = [inputs.weights[n] for n in names]
+        g, _ = summed_gradients(inputs.losses(), ws)
+        hg = [torch.zeros_like(t) for t in g]
+        for loss in inputs.losses():
+            grads = torch.autograd.grad(loss, ws, create_graph=True, allow_unused=True)
+            z = sum((gi.float() * fixed).sum() for gi, fixed in zip(grads, g, strict=True) if gi is not None)
+            if isinstance(z, torch.Tensor) and z.requires_grad:
+                for acc, h in zip(hg, torch.autograd.grad(z, ws, allow_unused=True), strict=True):
+                    if h is not None:
+                        acc += h.float()
+        return {n: w.detach().float() * h for n, w, h in zip(names, ws, hg, strict=True)}

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_prune import SNIPCallback
+from lightning_prune import IterativeSNIPCallback, SNIPCallback
 from tests.helpers.modules import TinyModule
 
 
@@ -22,17 +22,30 @@ class Dump(pl.Callback):
 
 
 if __name__ == "__main__":
-    folder, structured = Path(sys.argv[1]), sys.argv[2] == "structured"
+    folder, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "snapit-during":  # structured SNAP-it: a physical shrink at the end of each of 3 epochs
+        pruner = IterativeSNIPCallback(
+            limit=0.6,
+            structured=True,
+            steps=1,
+            start=0.3,
+            when="during",
+            prune_delay=0,
+            prune_freq=1,
+            num_batches=2,
+        )
+    else:
+        pruner = SNIPCallback(limit=0.6, structured=mode == "structured", num_batches=2)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
-        max_epochs=2,
+        max_epochs=3,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SNIPCallback(limit=0.6, structured=structured, num_batches=2), Dump(folder)],
+        callbacks=[pruner, Dump(folder)],
     )
     trainer.fit(TinyModule(arch="resnet", n=64, batch_size=8))

@@ -1,0 +1,425 @@
+"""SNIP-it / SNAP-it: iterative sensitivity pruning before or during training, and its baselines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.criteria import ScoringInputs, get_criterion
+from lightning_prune.errors import PruningError
+from lightning_prune.schedules import snipit_schedule
+from lightning_prune.stats import model_stats
+from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, lowest_channels, node_weights
+
+WHEN = ("before", "during")
+
+
+def check_limit(owner: str, limit: Any) -> float:
+    """Validate a ``limit`` argument: a number in [0, 1)."""
+    if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit < 1:
+        raise PruningError(
+            f"`{owner}(limit={limit!r})` is invalid: `limit` must be in [0, 1); got {limit!r}."
+        )
+    return float(limit)
+
+
+def _check_int(owner: str, arg: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PruningError(f"`{owner}({arg}={value!r})` is invalid: `{arg}` must be an int >= {low}.")
+    return value
+
+
+class IterativeSNIPCallback(PruningCallback):
+    """SNIP-it / SNAP-it: prune in several steps by sensitivity, before or during training.
+
+    Paper: Verdenius, Stol, Forré, "Pruning via Iterative Ranking of Sensitivity Statistics",
+    https://arxiv.org/abs/2006.00896.
+
+    Each step scores the units still alive on fresh training batches (the module's own ``training_step``
+    loss, BatchNorm in eval mode, nothing stepped) and prunes the lowest-scoring ones in ONE global ranking
+    until the step's cumulative sparsity is reached. The steps follow SNIP-it's schedule
+    (:func:`~lightning_prune.schedules.snipit_schedule`): ``p_i = limit − (limit − start) · 0.5^i`` for
+    ``i = 0 … steps``, then ``limit`` (``steps=0``: one shot to ``limit``). For ``limit=0.98``: .50, .74, .86,
+    .92, .95, .965, .98.
+
+    - ``when="before"``: every step at the start of fit, before the first optimizer step.
+    - ``when="during"``: one step per pruning event, at the end of epoch ``e`` (counted from 1) whenever
+      ``e − prune_delay > 0`` and ``(e − prune_delay) % prune_freq == 0``, until ``limit`` is reached.
+    - Unstructured (default criterion ``"snip"``, ``|∂L/∂w ⊙ w|``): ``limit`` is the fraction of the
+      selected weights removed; pruned weights score lowest at later steps and stay exactly zero.
+    - Structured (default criterion ``"snap"``, SNAP-it's node sensitivity ``|∂L/∂gate|``): ``limit`` is the
+      fraction of nodes (conv/linear output channels of layers that do not produce a model output) removed;
+      pruned channels are removed physically at every step, in every coupled layer (residual nets
+      included), and the optimizer keeps the state of the kept channels.
+
+    Other criteria (``lightning_prune.criteria.list_criteria()``) run on the same machinery: ``"random"``,
+    ``"magnitude"`` (with ``when="during"`` and ``rewind_epoch``: IMP with rewinding), ``"l1_norm"``,
+    ``"taylor"``, ``"grasp"``. Random scores come from ``seed`` and the step number, so runs repeat.
+
+    Under DDP, scores are summed over ranks and rank 0's decision is broadcast. The step count, masks and
+    rewind weights are saved in checkpoints; a run resumed between two steps ends like an uninterrupted one.
+
+    Args:
+        limit: Final fraction removed: of selected weights (unstructured) or of nodes (structured).
+        structured: Remove whole channels/neurons (physically) instead of single weights.
+        steps: ``S`` of the paper (>= 0); the schedule has up to ``S + 2`` steps.
+        start: Cumulative sparsity of the first step, in [0, 1) (the paper: 0.5).
+        when: ``"before"`` or ``"during"`` training.
+        prune_delay: Epochs before the first pruning event (``when="during"``).
+        prune_freq: Epochs between pruning events (``when="during"``).
+        num_batches: Training batches each step's scores are accumulated over (the paper: 5).
+        criterion: A registered criterion name; ``None``: ``"snap"`` if structured, else ``"snip"``.
+        seed: Seed of random criteria.
+        rewind_epoch: With ``when="during"``: after every pruning event, reset the surviving parameters to
+            their values at the end of this epoch (0: at the start of fit) — lottery-ticket rewinding.
+            Optimizer state is kept.
+        include: Glob patterns of layer names to prune; default: all Conv/Linear layers.
+        exclude: Glob patterns of layers to keep whole.
+
+    Raises:
+        PruningError: For invalid arguments (here) or a module, data or trainer they do not fit (in setup).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_prune import IterativeSNIPCallback
+        >>> pruner = IterativeSNIPCallback(limit=0.98, when="during", prune_delay=4, prune_freq=4)
+        >>> [round(p, 3) for p in pruner.schedule]
+        [0.5, 0.74, 0.86, 0.92, 0.95, 0.965, 0.98]
+        >>> trainer = pl.Trainer(callbacks=[pruner], max_epochs=40, logger=False)
+    """
+
+    def __init__(
+        self,
+        limit: float = 0.9,
+        structured: bool = False,
+        steps: int = 5,
+        start: float = 0.5,
+        when: str = "before",
+        prune_delay: int = 4,
+        prune_freq: int = 4,
+        num_batches: int = 5,
+        criterion: str | None = None,
+        seed: int = 0,
+        rewind_epoch: int | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude, num_batches=num_batches)
+        owner = type(self).__name__
+        self.limit = check_limit(owner, limit)
+        if not isinstance(structured, bool):
+            raise PruningError(
+                f"`{owner}(structured={structured!r})` is invalid: `structured` must be a bool."
+            )
+        self.structured = structured
+        self.steps = _check_int(owner, "steps", steps, 0)
+        if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start < 1:
+            raise PruningError(f"`{owner}(start={start!r})` is invalid: `start` must be in [0, 1).")
+        self.start = float(start)
+        if when not in WHEN:
+            raise PruningError(f"`{owner}(when={when!r})` is invalid: `when` must be one of {list(WHEN)}.")
+        self.when = when
+        self.prune_delay = _check_int(owner, "prune_delay", prune_delay, 0)
+        self.prune_freq = _check_int(owner, "prune_freq", prune_freq, 1)
+        self.criterion_name = criterion if criterion is not None else ("snap" if structured else "snip")
+        self.criterion = get_criterion(self.criterion_name, structured, owner=owner)
+        self.seed = _check_int(owner, "seed", seed, 0)
+        if rewind_epoch is not None:
+            _check_int(owner, "rewind_epoch", rewind_epoch, 0)
+            if when != "during":
+                raise PruningError(
+                    f"`{owner}(rewind_epoch={rewind_epoch!r})` needs `when='during'`: before training "
+                    "there is nothing to rewind to."
+                )
+            if rewind_epoch >= self.event_epochs()[0]:
+                raise PruningError(
+                    f"`{owner}(rewind_epoch={rewind_epoch!r})` is invalid: it must be before the first "
+                    f"pruning event (end of epoch {self.event_epochs()[0]})."
+                )
+        self.rewind_epoch = rewind_epoch
+        self.schedule = snipit_schedule(self.limit, self.steps, self.start)
+        self.step = 0  # pruning steps done
+        self.rewind: dict[str, torch.Tensor] = {}
+        self.report: dict[str, float] = {}
+
+    def event_epochs(self) -> list[int]:
+        """Epochs (counted from 1) at whose end the steps run when ``when="during"``."""
+        count = len(snipit_schedule(self.limit, self.steps, self.start))
+        return [self.prune_delay + self.prune_freq * (k + 1) for k in range(count)]
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def _state_key_args(self) -> dict[str, Any]:
+        return {
+            **super()._state_key_args(),
+            "limit": self.limit,
+            "structured": self.structured,
+            "criterion": self.criterion_name,
+            "when": self.when,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`PruningCallback.state_dict`; adds the steps done and the rewind weights."""
+        rewind = {n: t.detach().cpu() for n, t in self.rewind.items()}
+        return {**super().state_dict(), "step": self.step, "rewind": rewind}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """See :meth:`PruningCallback.load_state_dict`."""
+        super().load_state_dict(state_dict)
+        self.step = int(state_dict.get("step", len(self.schedule) if state_dict.get("pruned") else 0))
+        self.rewind = dict(state_dict.get("rewind", {}))
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Also check that every pruning event fits into ``max_epochs``."""
+        super().setup(trainer, pl_module, stage)
+        last = self.event_epochs()[-1]
+        max_epochs = trainer.max_epochs
+        if (
+            stage == "fit"
+            and self.when == "during"
+            and not trainer.fast_dev_run  # a smoke test runs one epoch on purpose
+            and max_epochs is not None
+            and 0 < max_epochs < last
+        ):
+            raise PruningError(
+                f"{type(self).__name__}(when='during', prune_delay={self.prune_delay}, "
+                f"prune_freq={self.prune_freq}) prunes {len(self.schedule)} times, the last time at the end "
+                f"of epoch {last}, but the trainer stops after max_epochs={max_epochs}: raise max_epochs, "
+                "or lower prune_delay, prune_freq or steps."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prune every step before training (``when="before"``); keep the rewind point; attach masks."""
+        if self.rewind_epoch == 0 and not self.rewind:
+            self._keep_rewind_point(pl_module)
+        # "before": every step. "during": the events of epochs already completed, when resuming from a
+        # checkpoint written before this callback's epoch-end hook ran (normally there are none).
+        due = len(self.schedule)
+        if self.when == "during":
+            due = min(due, sum(e <= trainer.current_epoch for e in self.event_epochs()))
+        if self.step < due:
+            batches = self.train_batches(trainer)
+            while self.step < due:
+                self.prune_step(trainer, pl_module, batches)
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the rewind point; at a pruning event, prune one step (``when="during"``)."""
+        epoch = trainer.current_epoch + 1
+        if epoch == self.rewind_epoch and not self.rewind:
+            self._keep_rewind_point(pl_module)
+        if self.when != "during" or self.step >= len(self.schedule):
+            return
+        if epoch - self.prune_delay > 0 and (epoch - self.prune_delay) % self.prune_freq == 0:
+            self.prune_step(trainer, pl_module, self.train_batches(trainer))
+            if self.rewind:
+                self._rewind(pl_module)
+            self._attach(trainer, pl_module)
+
+    # -- one step ------------------------------------------------------------------------------------------
+    def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Iterator[Any]) -> None:
+        """Score the surviving units on fresh batches and prune to the next sparsity of the schedule."""
+        started = time.perf_counter()
+        target = self.schedule[self.step]
+        inputs = ScoringInputs(
+            module=pl_module,
+            weights={},
+            losses=self.loss_stream(trainer, pl_module, self.scoring_batches(trainer, batches)),
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.step),
+        )
+        if self.structured:
+            self._prune_nodes(trainer, pl_module, inputs, target)
+        else:
+            self._prune_weights(trainer, pl_module, inputs, target)
+        self.step += 1
+        metrics = self.sparsity_metrics(pl_module)
+        try:
+            example = self.example_inputs(trainer, pl_module)
+            metrics["prune/macs"] = float(model_stats(pl_module, example).macs)
+        except PruningError as err:  # unstructured pruning needs no inputs; MACs are optional
+            rank_zero_warn(f"{type(self).__name__}: prune/macs not logged: {err}")
+        metrics.update({"prune/step": float(self.step), "prune/target": target})
+        metrics["prune/seconds"] = time.perf_counter() - started
+        self.report = metrics
+        self.log_metrics(trainer, metrics)
+        kind = "node" if self.structured else "weight"
+        rank_zero_info(
+            f"{type(self).__name__}: step {self.step}/{len(self.schedule)} ({self.criterion_name}), {kind} "
+            f"sparsity {metrics[f'prune/{kind}_sparsity']:.2%} (target {target:.2%}), "
+            f"{int(metrics['prune/params']):,} params ({metrics['prune/seconds']:.1f} s)"
+        )
+
+    def _checked(self, scores: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict:
+        for name, shape in shapes.items():
+            s = scores.get(name)
+            if s is None or s.shape != shape:
+                got = None if s is None else tuple(s.shape)
+                raise PruningError(
+                    f"criterion {self.criterion_name!r} returned scores of shape {got} for {name}; "
+                    f"expected {tuple(shape)}."
+                )
+            if not torch.isfinite(s).all():
+                raise PruningError(
+                    f"{type(self).__name__}: {self.criterion_name} scores of {name} are not finite (the loss "
+                    "or its gradients overflowed?)."
+                )
+        return scores
+
+    def _prune_weights(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: ScoringInputs, target: float
+    ) -> None:
+        weights = self.prunable_weights(pl_module)
+        self.sparsity_metrics(pl_module)  # record the counts before pruning
+        inputs = ScoringInputs(pl_module, weights, inputs.losses, (), inputs.generator)
+        scores = self._checked(self.criterion.weight_scores(inputs), {n: w.shape for n, w in weights.items()})
+        flat = []
+        for name, w in weights.items():
+            s = scores[name].detach().to(w.device, torch.float64).flatten()
+            if name in self.masks:  # pruned weights rank below every surviving one
+                s = s.masked_fill(~self.masks[name].to(w.device).flatten(), float("-inf"))
+            flat.append(s)
+        flat = self.sum_over_ranks(trainer, torch.cat(flat))
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        n_keep = round(flat.numel() * (1 - target))
+        if n_keep:
+            keep[torch.topk(flat, n_keep, sorted=False).indices] = True
+        keep = self.from_rank_zero(trainer, keep.cpu())
+        masks, offset = {}, 0
+        for name, w in weights.items():
+            mask = keep[offset : offset + w.numel()].view_as(w)
+            masks[name] = mask & self.masks[name].cpu() if name in self.masks else mask
+            offset += w.numel()
+        self.set_masks(pl_module, masks)
+
+    def _prune_nodes(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: ScoringInputs, target: float
+    ) -> None:
+        owner = type(self).__name__
+        selected = set(self._layers)
+        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected]
+        graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
+        outputs = graph.output_layers
+        self._node_layers = [n for n in self._layers if n not in outputs]
+        before = self.sparsity_metrics(pl_module)["prune/node_sparsity"]
+        groups = [g for g in graph.groups if g.prunable and g.size > 1]
+        if not groups:
+            if self.step == 0:
+                raise PruningError(
+                    f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
+                    f"(layers producing the model output and excluded layers are kept whole)."
+                )
+            return
+        inputs = ScoringInputs(pl_module, {}, inputs.losses, groups, inputs.generator)
+        scores = self._checked(self.criterion.node_scores(inputs), {g.name: (g.size,) for g in groups})
+        flat = torch.cat([scores[g.name].detach().to(pl_module.device, torch.float64) for g in groups])
+        flat = self.sum_over_ranks(trainer, flat).cpu()
+        sizes = [g.size for g in groups]
+        scores = {g.name: s for g, s in zip(groups, flat.split(sizes), strict=True)}
+        # nodes still to remove, as a fraction of the nodes in the scored groups
+        scored = sum(node_weights(graph, g) * g.size for g in groups)
+        amount = (target - before) * self.initial["nodes"] / max(scored, 1)
+        plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, min(max(amount, 0.0), 1.0)))
+        if plan:
+            removals = self.shrink_in_fit(trainer, pl_module, graph, plan)
+            for r in removals:
+                if r.param in self.rewind:
+                    self.rewind[r.param] = r.apply(self.rewind[r.param])
+
+    # -- rewinding -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _keep_rewind_point(self, pl_module: pl.LightningModule) -> None:
+        self.rewind = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    @torch.no_grad()
+    def _rewind(self, pl_module: pl.LightningModule) -> None:
+        for name, p in pl_module.named_parameters():
+            if name in self.rewind:
+                p.copy_(self.rewind[name].to(p.device, p.dtype))
+        self.apply_masks(pl_module)
+
+
+class SNIPit(IterativeSNIPCallback):
+    """SNIP-it, unstructured: iterative ``|∂L/∂w ⊙ w|`` pruning to 98% of the weights by default.
+
+    The seed's ``--prune_criterion SNIPit --pruning_limit 0.98`` (``when="before"``) and
+    ``SNIPitDuring`` with ``--prune_delay 4 --prune_freq 4`` (``when="during"``). See
+    :class:`IterativeSNIPCallback` for the arguments.
+
+    Example:
+        >>> from lightning_prune import SNIPit
+        >>> SNIPit(when="during").event_epochs()
+        [8, 12, 16, 20, 24, 28, 32]
+    """
+
+    def __init__(
+        self,
+        limit: float = 0.98,
+        steps: int = 5,
+        start: float = 0.5,
+        when: str = "before",
+        prune_delay: int = 4,
+        prune_freq: int = 4,
+        num_batches: int = 5,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            limit=limit,
+            structured=False,
+            steps=steps,
+            start=start,
+            when=when,
+            prune_delay=prune_delay,
+            prune_freq=prune_freq,
+            num_batches=num_batches,
+            criterion="snip",
+            include=include,
+            exclude=exclude,
+        )
+
+
+class SNAPit(IterativeSNIPCallback):
+    """SNAP-it, structured: iterative node-sensitivity pruning that removes 93% of the nodes by default.
+
+    Each step scores every channel/neuron by ``|∂L/∂gate|`` (a gate of ones on each conv/linear output)
+    and removes the lowest physically, in every coupled layer, so the network really shrinks as it is
+    pruned; residual networks included. The seed's ``--prune_criterion SNAPit --pruning_limit 0.93``.
+    See :class:`IterativeSNIPCallback` for the arguments.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_prune import SNAPit
+        >>> trainer = pl.Trainer(callbacks=[SNAPit(limit=0.93)], max_epochs=80, logger=False)
+    """
+
+    def __init__(
+        self,
+        limit: float = 0.93,
+        steps: int = 5,
+        start: float = 0.5,
+        when: str = "before",
+        prune_delay: int = 4,
+        prune_freq: int = 4,
+        num_batches: int = 5,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(
+            limit=limit,
+            structured=True,
+            steps=steps,
+            start=start,
+            when=when,
+            prune_delay=prune_delay,
+            prune_freq=prune_freq,
+            num_batches=num_batches,
+            criterion="snap",
+            include=include,
+            exclude=exclude,
+        )

@@ -1,0 +1,325 @@
+"""IterativeSNIPCallback, SNIPit, SNAPit: schedules, pruning in fit, optimizer state, resume, rewinding."""
+
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_prune import IterativeSNIPCallback, PruningError, SNAPit, SNIPit, list_criteria
+from lightning_prune.schedules import snipit_schedule
+from tests.helpers.modules import TinyModule, synthetic_data, trainer
+
+
+class Ordered(TinyModule):
+    """No shuffling: a resumed run sees the same batches as an uninterrupted one."""
+
+    def train_dataloader(self):
+        return DataLoader(synthetic_data(self.hparams.n), batch_size=self.hparams.batch_size)
+
+
+class Recording(IterativeSNIPCallback):
+    """Remembers the epoch of every step and a copy of the masks after it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs, self.history = [], []
+
+    def prune_step(self, trainer, pl_module, batches):
+        super().prune_step(trainer, pl_module, batches)
+        self.epochs.append(trainer.current_epoch + 1 if self.when == "during" else 0)
+        self.history.append({n: m.clone() for n, m in self.masks.items()})
+
+
+def node_count(module):
+    """Output channels of every conv/linear layer except the classifier head."""
+    layers = [m for n, m in module.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    return sum(m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in layers[:-1])
+
+
+# -- arguments -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"limit": 1.0}, r"`IterativeSNIPCallback\(limit=1.0\)` is invalid: `limit` must be in \[0, 1\)"),
+        ({"steps": -1}, r"`steps` must be an int >= 0"),
+        ({"start": 1.5}, r"`start` must be in \[0, 1\)"),
+        ({"when": "after"}, r"`when` must be one of \['before', 'during'\]"),
+        ({"prune_delay": -1}, r"`prune_delay` must be an int >= 0"),
+        ({"prune_freq": 0}, r"`prune_freq` must be an int >= 1"),
+        ({"num_batches": 0}, r"`num_batches` must be an int >= 1"),
+        ({"criterion": "snipp"}, r"criterion='snipp'.*Did you mean 'snip'"),
+        ({"criterion": "grasp", "structured": True}, r"cannot score channels"),
+        ({"criterion": "snap"}, r"cannot score single weights"),
+        ({"seed": -3}, r"`seed` must be an int >= 0"),
+        ({"rewind_epoch": 1}, r"needs `when='during'`"),
+        (
+            {"rewind_epoch": 5, "when": "during", "prune_delay": 2, "prune_freq": 2},
+            r"before the first pruning event \(end of epoch 4\)",
+        ),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(PruningError, match=match):
+        IterativeSNIPCallback(**kwargs)
+
+
+def test_presets_and_their_schedules():
+    snipit, snapit = SNIPit(), SNAPit()
+    assert (snipit.limit, snipit.structured, snipit.criterion_name) == (0.98, False, "snip")
+    assert (snapit.limit, snapit.structured, snapit.criterion_name) == (0.93, True, "snap")
+    assert snapit.schedule == snipit_schedule(0.93, 5, 0.5)
+    assert SNIPit(when="during").event_epochs() == [8, 12, 16, 20, 24, 28, 32]  # the seed's delay 4, freq 4
+    assert IterativeSNIPCallback(criterion="random").state_key != IterativeSNIPCallback().state_key
+    clone = pickle.loads(pickle.dumps(snapit))
+    assert clone.schedule == snapit.schedule
+
+
+def test_too_few_epochs_for_the_events_fails_in_setup(tmp_path):
+    cb = IterativeSNIPCallback(limit=0.8, steps=1, when="during", prune_delay=1, prune_freq=2)
+    with pytest.raises(PruningError, match=r"last time at the end of epoch 7, but .* max_epochs=5"):
+        trainer(tmp_path, [cb], max_epochs=5).fit(TinyModule())
+
+
+# -- before training -------------------------------------------------------------------------------------
+def test_snipit_before_prunes_along_the_schedule_with_nested_masks(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    cb = Recording(limit=0.9, steps=2, num_batches=2)
+    trainer(tmp_path, [cb], max_epochs=2).fit(module)
+    assert [round(p, 4) for p in cb.schedule] == [0.5, 0.7, 0.8, 0.9]
+    assert len(cb.history) == 4
+    total = sum(m.numel() for m in cb.history[0].values())
+    for p, masks in zip(cb.schedule, cb.history, strict=True):
+        assert sum(int(m.sum()) for m in masks.values()) == round(total * (1 - p))
+    for earlier, later in zip(cb.history, cb.history[1:], strict=False):
+        assert all(torch.equal(later[n] & ~earlier[n], torch.zeros_like(later[n])) for n in later)
+    params = dict(module.named_parameters())
+    for name, mask in cb.masks.items():  # pruned weights stayed exactly zero through training
+        assert torch.all(params[name][~mask] == 0)
+    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.9, abs=1 / total)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_snapit_before_shrinks_the_network_step_by_step(tmp_path, arch):
+    pl.seed_everything(0)
+    module = TinyModule(arch=arch)
+    nodes = node_count(module)
+    cb = SNAPit(limit=0.6, steps=2, num_batches=2)
+    losses = []
+
+    class Loss(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer(tmp_path, [cb, Loss()], max_epochs=2).fit(module)
+    assert cb.step == len(cb.schedule) == 4
+    assert 1 - node_count(module) / nodes == pytest.approx(cb.report["prune/node_sparsity"])
+    assert cb.report["prune/node_sparsity"] == pytest.approx(0.6, abs=0.07)
+    assert not cb.masks  # structured pruning removes, it does not mask
+    assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# -- during training -------------------------------------------------------------------------------------
+def test_during_events_follow_delay_and_freq(tmp_path):
+    pl.seed_everything(0)
+    cb = Recording(limit=0.8, steps=1, when="during", prune_delay=1, prune_freq=2, num_batches=1)
+    trainer(tmp_path, [cb], max_epochs=8).fit(TinyModule(n=32))
+    assert cb.epochs == [e for e in range(1, 9) if e - 1 > 0 and (e - 1) % 2 == 0][:3] == [3, 5, 7]
+    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+class OptimizerStateCheck(IterativeSNIPCallback):
+    """Around each shrink: the Adam state of every kept channel of the stem equals its value before."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.checked = self.stem_removed = 0
+
+    def shrink_in_fit(self, trainer, pl_module, graph, plan):
+        opt = trainer.optimizers[0]
+        weight = pl_module.model.features[0].weight
+        before = {k: v.clone() for k, v in opt.state[weight].items()}
+        next_before = {k: v.clone() for k, v in opt.state[pl_module.model.features[3].weight].items()}
+        removals = super().shrink_in_fit(trainer, pl_module, graph, plan)
+        if trainer.global_step == 0:
+            return removals
+        opt = trainer.optimizers[0]
+        removed = plan.get("model.features.0", [])
+        keep = torch.tensor([c for c in range(before["exp_avg"].shape[0]) if c not in removed])
+        after = opt.state[pl_module.model.features[0].weight]
+        after_next = opt.state[pl_module.model.features[3].weight]
+        assert float(after["step"]) == float(before["step"]) == trainer.global_step  # the counter goes on
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(after[key], before[key][keep])  # rows of the conv that lost channels
+            consumer = next_before[key][:, keep]  # input columns of the next conv
+            kept_rows = [
+                r for r in range(next_before[key].shape[0]) if r not in plan.get("model.features.3", [])
+            ]
+            assert torch.equal(after_next[key], consumer[kept_rows])
+        self.checked += 1
+        self.stem_removed += len(removed)
+        return removals
+
+
+def test_structured_during_keeps_the_optimizer_state_of_kept_channels(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule(optimizer="adam", lr=0.01, scheduler=False)
+    cb = OptimizerStateCheck(
+        limit=0.6, start=0.3, structured=True, steps=1, when="during", prune_delay=0, prune_freq=1
+    )
+    trainer(tmp_path, [cb], max_epochs=4).fit(module)
+    assert cb.step == 3 and cb.checked == 3
+    assert cb.stem_removed > 0  # the rows compared above really lost channels
+    assert module.model.features[0].out_channels < 8
+    assert float(next(iter(module.trainer.optimizers[0].state.values()))["step"]) == 16
+
+
+# -- resume ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structured", [False, True])
+def test_resume_between_two_steps_ends_like_an_uninterrupted_run(tmp_path, structured):
+    def make_callback():
+        return IterativeSNIPCallback(
+            limit=0.7,
+            structured=structured,
+            steps=1,
+            when="during",
+            prune_delay=0,
+            prune_freq=2,
+            num_batches=2,
+        )
+
+    pl.seed_everything(0)
+    first, cb = Ordered(arch="resnet", optimizer="adam", lr=0.01), make_callback()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer(tmp_path, [cb, ckpt], max_epochs=6, enable_checkpointing=True).fit(first)
+    assert cb.step == 3
+
+    path = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"  # after the first event (epoch 2), before the second
+    state = torch.load(path, weights_only=True)
+    assert state["callbacks"][cb.state_key]["step"] == 1
+    pl.seed_everything(1)  # a different seed must not matter: everything comes from the checkpoint
+    resumed, cb2 = Ordered(arch="resnet", optimizer="adam", lr=0.01), make_callback()
+    trainer(tmp_path, [cb2], max_epochs=6).fit(resumed, ckpt_path=path, weights_only=True)
+    assert cb2.step == 3
+    a, b = first.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].shape == b[key].shape, key
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert cb.masks.keys() == cb2.masks.keys()
+    assert all(torch.equal(cb.masks[k].cpu(), cb2.masks[k].cpu()) for k in cb.masks)
+
+
+def test_events_missed_by_an_early_checkpoint_run_on_resume(tmp_path):
+    """A checkpoint written at validation end (before the epoch-end event) must not skip the event."""
+    pl.seed_everything(0)
+    cb = IterativeSNIPCallback(limit=0.6, steps=0, when="during", prune_delay=0, prune_freq=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=False)
+    trainer(tmp_path, [ckpt], max_epochs=1, enable_checkpointing=True).fit(TinyModule())  # no pruning yet
+    (path,) = (tmp_path / "ckpt").iterdir()
+    trainer(tmp_path, [cb], max_epochs=2).fit(TinyModule(), ckpt_path=path)
+    assert cb.step == 1
+    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+# -- rewinding -------------------------------------------------------------------------------------------
+class RewindCheck(IterativeSNIPCallback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        step = self.step
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.step > step:
+            self.after_event = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_imp_rewinds_surviving_weights_to_the_rewind_epoch(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    cb = RewindCheck(
+        limit=0.75, criterion="magnitude", steps=0, when="during", prune_delay=1, prune_freq=1, rewind_epoch=1
+    )
+    trainer(tmp_path, [cb], max_epochs=3).fit(module)
+    assert cb.step == 1 and cb.rewind
+    for name, value in cb.after_event.items():
+        expected = cb.rewind[name] * cb.masks[name] if name in cb.masks else cb.rewind[name]
+        assert torch.equal(value, expected), name
+    assert not torch.equal(
+        cb.rewind["model.features.0.weight"], module.model.features[0].weight
+    )  # trained on
+
+
+# -- every criterion through the callback: the highest scores are kept ---------------------------------
+class Recorder:
+    def __init__(self, inner):
+        self.inner, self.scores = inner, None
+
+    def weight_scores(self, inputs):
+        self.scores = self.inner.weight_scores(inputs)
+        return self.scores
+
+    def node_scores(self, inputs):
+        self.scores = self.inner.node_scores(inputs)
+        return self.scores
+
+
+@pytest.mark.parametrize("name", list_criteria(structured=False))
+def test_unstructured_criteria_keep_the_highest_scores(tmp_path, name):
+    pl.seed_everything(0)
+    cb = IterativeSNIPCallback(limit=0.5, steps=0, criterion=name, num_batches=1)
+    cb.criterion = Recorder(cb.criterion)
+    trainer(tmp_path, [cb], max_steps=1).fit(TinyModule())
+    scores = torch.cat([cb.criterion.scores[n].flatten() for n in cb.masks])
+    kept = torch.cat([cb.masks[n].flatten().cpu() for n in cb.masks])
+    assert kept.float().mean() == pytest.approx(0.5, abs=1e-3)
+    assert scores[kept].min() >= scores[~kept].max()
+
+
+@pytest.mark.parametrize("name", list_criteria(structured=True))
+def test_structured_criteria_remove_the_lowest_scores(tmp_path, name):
+    pl.seed_everything(0)
+    plans = []
+
+    class Plan(IterativeSNIPCallback):
+        def shrink_in_fit(self, trainer, pl_module, graph, plan):
+            plans.append(plan)
+            return super().shrink_in_fit(trainer, pl_module, graph, plan)
+
+    cb = Plan(limit=0.3, structured=True, steps=0, criterion=name, num_batches=1)
+    cb.criterion = Recorder(cb.criterion)
+    trainer(tmp_path, [cb], max_steps=1).fit(TinyModule())
+    (plan,) = plans
+    removed = [float(cb.criterion.scores[g][c]) for g, chs in plan.items() for c in chs]
+    kept = [
+        float(v) for g, s in cb.criterion.scores.items() for c, v in enumerate(s) if c not in plan.get(g, [])
+    ]
+    assert removed and min(kept) >= max(removed)
+
+
+# -- SNAP-it on real architectures (the original cannot prune residual nets) -------------------------------
+class Torchvision(TinyModule):
+    def __init__(self, name: str):
+        super().__init__(n=32, batch_size=8, scheduler=False)
+        import torchvision
+
+        self.model = torchvision.models.get_model(name, weights=None, num_classes=4)
+        self.example_input_array = torch.zeros(2, 3, 32, 32)
+
+    def train_dataloader(self):
+        return DataLoader(synthetic_data(self.hparams.n, size=32), batch_size=self.hparams.batch_size)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_snapit_preset_shrinks_torchvision_models(tmp_path, name):
+    pl.seed_everything(0)
+    module = Torchvision(name)
+    params = sum(p.numel() for p in module.parameters())
+    cb = SNAPit(steps=1, num_batches=1)  # limit 0.93, three steps: 0.5, 0.715, 0.93
+    trainer(tmp_path, [cb], max_steps=2).fit(module)
+    assert cb.step == 3
+    assert cb.report["prune/node_sparsity"] > 0.85
+    assert sum(p.numel() for p in module.parameters()) < 0.1 * params
+    module.eval()
+    assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
