@@ -160,7 +160,7 @@ def select_layers(
                 shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
                 raise PruningError(
                     f"`{owner}({arg}=[..., {pattern!r}, ...])` is invalid: pattern {pattern!r} "
-                    f"matches no {'/'.join(t.__name__ for t in types)} layer. Layers: {shown}."
+                    f"matches no {'/'.join(t.__name__.lstrip('_') for t in types)} layer. Layers: {shown}."
                 )
     chosen = [n for n in names if include is None or any(fnmatchcase(n, p) for p in include)]
     return [n for n in chosen if not any(fnmatchcase(n, p) for p in exclude or ())]

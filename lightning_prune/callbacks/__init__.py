@@ -3,6 +3,15 @@
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.iterative import IterativeSNIPCallback, SNAPit, SNIPit
 from lightning_prune.callbacks.shrink import ShrinkOnFitEnd
+from lightning_prune.callbacks.slimming import SlimmingL1Callback
 from lightning_prune.callbacks.snip import SNIPCallback
 
-__all__ = ["IterativeSNIPCallback", "PruningCallback", "SNAPit", "SNIPCallback", "SNIPit", "ShrinkOnFitEnd"]
+__all__ = [
+    "IterativeSNIPCallback",
+    "PruningCallback",
+    "SNAPit",
+    "SNIPCallback",
+    "SNIPit",
+    "ShrinkOnFitEnd",
+    "SlimmingL1Callback",
+]

@@ -187,13 +187,6 @@ def save_shrunk(pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def _example_inputs(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, pruners: list[PruningCallback]
-) -> Any:
-    helper = pruners[0] if pruners else PruningCallback()
-    return helper.example_inputs(trainer, pl_module)
-
-
 def _first_sample(example: Any) -> Any:
     if isinstance(example, torch.Tensor):
         return example[:1]

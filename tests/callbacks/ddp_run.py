@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_prune import IterativeSNIPCallback, SNIPCallback
+from lightning_prune import IterativeSNIPCallback, SlimmingL1Callback, SNIPCallback
 from tests.helpers.modules import TinyModule
 
 
@@ -34,6 +34,8 @@ if __name__ == "__main__":
             prune_freq=1,
             num_batches=2,
         )
+    elif mode == "slimming":  # L1 on the BatchNorm scales, channels pruned by |γ| at the end of epoch 2
+        pruner = SlimmingL1Callback(penalty=1e-3, limit=0.5, prune_at=2)
     else:
         pruner = SNIPCallback(limit=0.6, structured=mode == "structured", num_batches=2)
     pl.seed_everything(0)

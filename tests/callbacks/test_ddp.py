@@ -15,7 +15,7 @@ from tests.helpers.modules import TinyModule
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during"])
+@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during", "slimming"])
 def test_two_ranks_agree(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

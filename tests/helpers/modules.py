@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.nets import TinyCNN, TinyResNet
+from tests.helpers.nets import TinyCNN, TinyDenseNet, TinyResNet
 
-ARCHS = {"cnn": TinyCNN, "resnet": TinyResNet}
+ARCHS = {"cnn": TinyCNN, "resnet": TinyResNet, "densenet": TinyDenseNet}
 
 
 def synthetic_data(n: int = 64, classes: int = 4, size: int = 8, seed: int = 0) -> TensorDataset:

@@ -55,6 +55,30 @@ class TinyResNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class TinyDenseNet(nn.Module):
+    """A stem and two pre-activation dense layers (BN-ReLU-conv, outputs concatenated), then BN and a head."""
+
+    def __init__(self, width: int = 8, growth: int = 4, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.BatchNorm2d(width + i * growth),
+                nn.ReLU(),
+                nn.Conv2d(width + i * growth, growth, 3, padding=1),
+            )
+            for i in range(2)
+        )
+        self.norm = nn.BatchNorm2d(width + 2 * growth)
+        self.head = nn.Linear(width + 2 * growth, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        return self.head(torch.relu(self.norm(x)).mean((2, 3)))
+
+
 class RandomCNN(nn.Module):
     """A CNN assembled from a list of block specs (see ``tests/engine/test_shrink_property.py``).
 

@@ -1,0 +1,310 @@
+"""Network Slimming: L1 sparsity on normalization scales during training, then channel pruning by |γ|."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.iterative import check_limit
+from lightning_prune.errors import PruningError
+from lightning_prune.stats import model_stats
+from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, ChannelGroup, lowest_channels, select_layers
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+AGGREGATES = ("max", "mean", "sum")
+SMALL = 1e-2  # |γ| below this counts as "near zero" in the logged fraction
+
+
+class SlimmingL1Callback(PruningCallback):
+    """Network Slimming: L1 on normalization scales during training, then prune channels by ``|γ|``.
+
+    Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017,
+    https://arxiv.org/abs/1708.06519.
+
+    **Sparsity training.** At every optimizer step, ``penalty · sign(γ)`` is added to the gradient of every
+    selected normalization scale ``γ`` (BatchNorm 1d/2d/3d, GroupNorm, channel-wise LayerNorm): the
+    subgradient of ``penalty · Σ|γ|``. It is added in ``on_before_optimizer_step``, i.e. once per optimizer
+    step (not per micro-batch under gradient accumulation), after AMP has unscaled the gradients and before
+    gradient clipping, so the update is the same with and without mixed precision.
+
+    **Pruning** (when ``limit`` is set), at the end of epoch ``prune_at`` (counted from 1) or at the end of
+    training (``"fit_end"``): each channel group (see :class:`~lightning_prune.ChannelGroup`) that contains a
+    selected norm layer is scored by its channels' ``|γ|`` — aggregated over all the group's norm layers
+    with ``aggregate`` (``"max"``, the default: a channel is as important as its most important use, so a
+    residual channel that one block still needs is kept) — and, in ONE global ranking, the lowest channels
+    are removed until ``limit`` of the scored nodes are gone (the global-threshold rule of the paper; a
+    channel feeding several producers counts once per producer). Every layer keeps at least one channel.
+    Unlike the original, residual additions and concatenations are not skipped: their coupled channels are
+    removed together, in every layer. Removal is physical and immediate; during fit the optimizer keeps the
+    state of the kept channels, so training (fine-tuning) goes on with the smaller network. At
+    ``"fit_end"`` pruning runs in ``on_train_end``, before any ``on_fit_end`` hook, so
+    :class:`~lightning_prune.ShrinkOnFitEnd` (in either order in the callback list) reports and saves the
+    pruned network.
+
+    **Monitoring.** At every epoch end: ``slimming/frac_below_1e-2`` (fraction of selected ``|γ|`` below
+    0.01) and ``slimming/mean_abs_gamma`` to every logger, and a histogram of ``|γ|`` to TensorBoard loggers.
+
+    Args:
+        penalty: ``s`` of the paper (1e-4 for VGG, 1e-5 for ResNet/DenseNet); 0 disables the sparsity term.
+        limit: Fraction of the scored nodes to remove, in [0, 1); ``None`` only trains with the penalty.
+        prune_at: ``"fit_end"`` or an epoch number (>= 1, within ``max_epochs``) at whose end to prune.
+        aggregate: How a group's norms combine into one score per channel: ``"max"``, ``"mean"`` or ``"sum"``.
+        include: Glob patterns of norm-layer names to regularize and prune by; default: every norm layer.
+        exclude: Glob patterns of norm layers to leave alone.
+
+    Raises:
+        PruningError: For invalid arguments (here) or a model without selected affine norm layers (setup).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_prune import ShrinkOnFitEnd, SlimmingL1Callback
+        >>> slimming = SlimmingL1Callback(penalty=1e-4, limit=0.7)
+        >>> trainer = pl.Trainer(callbacks=[slimming, ShrinkOnFitEnd("vgg19_slim.pt")], max_epochs=160)
+    """
+
+    def __init__(
+        self,
+        penalty: float = 1e-4,
+        limit: float | None = None,
+        prune_at: str | int = "fit_end",
+        aggregate: str = "max",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(include=include, exclude=exclude)
+        owner = type(self).__name__
+        if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not penalty >= 0:
+            raise PruningError(
+                f"`{owner}(penalty={penalty!r})` is invalid: `penalty` must be a number >= 0; "
+                f"got {penalty!r}."
+            )
+        if not math.isfinite(penalty):
+            raise PruningError(f"`{owner}(penalty={penalty!r})` is invalid: `penalty` must be finite.")
+        self.penalty = float(penalty)
+        self.limit = None if limit is None else check_limit(owner, limit)
+        self.structured = self.limit is not None
+        if prune_at != "fit_end" and (
+            isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 1
+        ):
+            raise PruningError(
+                f"`{owner}(prune_at={prune_at!r})` is invalid: `prune_at` must be 'fit_end' or an epoch "
+                "number >= 1."
+            )
+        self.prune_at = prune_at
+        if aggregate not in AGGREGATES:
+            raise PruningError(
+                f"`{owner}(aggregate={aggregate!r})` is invalid: `aggregate` must be one of "
+                f"{list(AGGREGATES)}."
+            )
+        self.aggregate = aggregate
+        self.pruned = False
+        self.report: dict[str, float] = {}
+        self._norms: list[str] = []
+        self._scales: list[nn.Parameter] = []
+
+    def _state_key_args(self) -> dict[str, Any]:
+        return {**super()._state_key_args(), "penalty": self.penalty, "limit": self.limit}
+
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """See :meth:`PruningCallback.load_state_dict`."""
+        super().load_state_dict(state_dict)
+        self.pruned = bool(state_dict.get("pruned", False))
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check ``prune_at`` against ``max_epochs`` and that the selected norm layers have scales."""
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        owner = type(self).__name__
+        max_epochs = trainer.max_epochs
+        if (
+            self.limit is not None
+            and isinstance(self.prune_at, int)
+            and not trainer.fast_dev_run
+            and max_epochs is not None
+            and 0 < max_epochs < self.prune_at
+        ):
+            raise PruningError(
+                f"`{owner}(prune_at={self.prune_at})` is invalid: training stops after "
+                f"max_epochs={max_epochs}; `prune_at` must be an epoch in [1, {max_epochs}] or 'fit_end'."
+            )
+        self._select_norms(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the norm layers again (``configure_model`` may have built them after ``setup``)."""
+        self._detach_resize()
+        self._select_norms(pl_module)
+        self._layers = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES)]
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Add ``penalty · sign(γ)`` to the (unscaled, accumulated) gradients of the selected scales."""
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self.penalty == 0:
+            return
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for gamma in self._scales:
+                if id(gamma) not in owned:
+                    continue
+                if gamma.grad is None:
+                    gamma.grad = torch.zeros_like(gamma)
+                gamma.grad.add_(torch.sign(gamma), alpha=self.penalty)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the |γ| distribution; prune when this is epoch ``prune_at``."""
+        self._log_gammas(trainer, pl_module)
+        if self.limit is not None and not self.pruned and self.prune_at == trainer.current_epoch + 1:
+            self.prune(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prune at the end of training (``prune_at="fit_end"``), before any ``on_fit_end`` hook."""
+        if self.limit is not None and not self.pruned and self.prune_at == "fit_end":
+            self.prune(trainer, pl_module)
+
+    # -- selection -----------------------------------------------------------------------------------------
+    def _select_norms(self, pl_module: pl.LightningModule) -> None:
+        owner = type(self).__name__
+        present = [
+            f"{n} ({type(m).__name__})" for n, m in pl_module.named_modules() if isinstance(m, NORM_TYPES)
+        ]
+        if not present:
+            layers = sorted({type(m).__name__ for m in pl_module.modules()})
+            raise PruningError(
+                f"{owner}: {type(pl_module).__name__} has no normalization layer (BatchNorm, GroupNorm, "
+                f"LayerNorm) whose scales could be regularized; its layer types are {layers}."
+            )
+        norms = select_layers(pl_module, self.include, self.exclude, types=NORM_TYPES, owner=owner)
+        if not norms:
+            raise PruningError(
+                f"{owner}: include={self.include} and exclude={self.exclude} select no normalization layer; "
+                f"the model has: {', '.join(present)}."
+            )
+        for name in norms:
+            norm = pl_module.get_submodule(name)
+            scale = getattr(norm, "weight", None)
+            if not isinstance(scale, nn.Parameter):
+                raise PruningError(
+                    f"{owner}: {name} ({type(norm).__name__}) has no learnable scale (affine=False or "
+                    "elementwise_affine=False): Network Slimming needs one. Exclude it with "
+                    f"exclude=[{name!r}] or build it with affine=True."
+                )
+            if scale.dim() != 1:
+                raise PruningError(
+                    f"{owner}: {name} ({type(norm).__name__}) normalizes over {tuple(scale.shape)}, not over "
+                    "channels; exclude it with exclude=[...]."
+                )
+        self._norms = norms
+        self._scales = [pl_module.get_submodule(n).weight for n in norms]
+
+    # -- pruning -------------------------------------------------------------------------------------------
+    def channel_scores(self, group: ChannelGroup, module: nn.Module) -> torch.Tensor | None:
+        """One score per channel of ``group``: its selected norms' ``|γ|``, aggregated; ``None`` if none."""
+        values, channels = [], []
+        selected = {f"{n}.weight" for n in self._norms}
+        params = dict(module.named_parameters())
+        for s in group.slices:
+            if s.role == "norm" and s.param in selected:
+                gamma = params[s.param].detach().abs().float().cpu()
+                values.append(gamma.index_select(0, s.positions))
+                channels.append(s.channels)
+        if not values:
+            return None
+        v, c = torch.cat(values).double(), torch.cat(channels)
+        if self.aggregate == "max":
+            return torch.zeros(group.size, dtype=torch.float64).scatter_reduce_(
+                0, c, v, "amax", include_self=False
+            )
+        total = torch.zeros(group.size, dtype=torch.float64).index_add_(0, c, v)
+        if self.aggregate == "sum":
+            return total
+        return total / torch.bincount(c, minlength=group.size).clamp_min(1)
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remove the lowest-|γ| channels now (physically, optimizer state carried over)."""
+        owner = type(self).__name__
+        example = self.example_inputs(trainer, pl_module)
+        graph = ChannelGraph(pl_module, example)
+        self._node_layers = [n for n in self._layers if n not in graph.output_layers]
+        before = model_stats(pl_module, example)
+        self.sparsity_metrics(pl_module)  # counts before pruning
+        scores = {}
+        for g in graph.groups:
+            if g.prunable and g.size > 1:
+                s = self.channel_scores(g, pl_module)
+                if s is not None:
+                    scores[g.name] = s
+        if not scores:
+            raise PruningError(
+                f"{owner}: no prunable channel group contains a selected norm layer ({self._norms}); the "
+                "layers producing the model output are never pruned."
+            )
+        plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, self.limit))
+        threshold = max((float(scores[g][c]) for g, chs in plan.items() for c in chs), default=0.0)
+        if plan:
+            self.shrink_in_fit(trainer, pl_module, graph, plan)
+        self._select_norms(pl_module)  # the scales are new parameters after the shrink
+        after = model_stats(pl_module, example)
+        self.pruned = True
+        self.report = {
+            **self.sparsity_metrics(pl_module),
+            "slimming/threshold": threshold,
+            "slimming/channels_removed": float(sum(len(c) for c in plan.values())),
+            "slimming/params_before": float(before.params),
+            "slimming/params_after": float(after.params),
+            "slimming/macs_before": float(before.macs),
+            "slimming/macs_after": float(after.macs),
+        }
+        self.log_metrics(trainer, self.report)
+        if trainer.is_global_zero:
+            Console().print(self.table())
+        rank_zero_info(
+            f"{owner}: removed {int(self.report['slimming/channels_removed'])} channels with |γ| <= "
+            f"{threshold:.3g} (node sparsity {self.report['prune/node_sparsity']:.2%})"
+        )
+
+    def table(self) -> Table:
+        """What pruning removed, as a rich ``Table``."""
+        r = self.report
+        table = Table(title="lightning-prune: Network Slimming")
+        for column in ("", "before pruning", "after pruning", "after / before"):
+            table.add_column(column, justify="right" if column else "left")
+        for label, key in (("params", "params"), ("MACs", "macs")):
+            b, a = r[f"slimming/{key}_before"], r[f"slimming/{key}_after"]
+            table.add_row(label, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.3f}" if b else "-")
+        table.caption = (
+            f"{int(r['slimming/channels_removed'])} channels removed (|γ| <= {r['slimming/threshold']:.3g}), "
+            f"node sparsity {r['prune/node_sparsity']:.1%}"
+        )
+        return table
+
+    # -- monitoring ----------------------------------------------------------------------------------------
+    def _log_gammas(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._scales:
+            return
+        gammas = torch.cat([g.detach().abs().float().flatten() for g in self._scales])
+        metrics = {
+            "slimming/frac_below_1e-2": float((gammas < SMALL).float().mean()),
+            "slimming/mean_abs_gamma": float(gammas.mean()),
+        }
+        self.log_metrics(trainer, metrics)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                add_histogram = getattr(getattr(logger, "experiment", None), "add_histogram", None)
+                if callable(add_histogram):
+                    add_histogram("slimming/abs_gamma", gammas.cpu(), trainer.global_step)
