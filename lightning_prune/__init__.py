@@ -14,6 +14,7 @@ from lightning_prune.callbacks import (
 from lightning_prune.checkpoint import load_pruned_checkpoint, load_pruned_state_dict
 from lightning_prune.criteria import list_criteria
 from lightning_prune.errors import PruningError
+from lightning_prune.models import create_model, list_models, register_model
 from lightning_prune.stats import ModelStats, measure_latency, model_stats
 from lightning_prune.structure import (
     ChannelGraph,
@@ -45,10 +46,13 @@ __all__ = [
     "ShrinkReport",
     "SlimmingL1Callback",
     "__version__",
+    "create_model",
     "list_criteria",
+    "list_models",
     "load_pruned_checkpoint",
     "load_pruned_state_dict",
     "measure_latency",
     "model_stats",
+    "register_model",
     "shrink",
 ]

@@ -20,3 +20,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Fake CIFAR-10/100 and Imagenette folders for data modules and configs (tests/helpers/fake_data.py).
+from tests.helpers.fake_data import fake_root, no_md5  # noqa: E402, F401

@@ -31,8 +31,6 @@ from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
 from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, Removal, select_layers
 
-_END = object()
-
 
 class PruningCallback(Callback):
     """Base class of the pruning callbacks: shared arguments, masks, shrinking and checkpoint state.
@@ -201,6 +199,13 @@ class PruningCallback(Callback):
         for name, mask in self.masks.items():
             params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
+    def on_shrink(self, removals: Sequence[Removal]) -> None:
+        """Called on every pruning callback after any of them shrank the model: cut per-parameter state.
+
+        The default cuts the masks; subclasses keeping other tensors shaped like parameters extend it.
+        """
+        self.slice_masks(removals)
+
     def slice_masks(self, removals: Sequence[Removal]) -> None:
         """Cut the masks like their parameters were cut by a shrink."""
         for r in removals:
@@ -248,19 +253,12 @@ class PruningCallback(Callback):
 
     # -- sensitivity passes ------------------------------------------------------------------------------
     def scoring_batches(self, trainer: pl.Trainer, batches: Iterator[Any]) -> list[Any]:
-        """The next ``num_batches`` batches of ``batches``, on the training device and in its precision.
-
-        A loader with fewer batches is restarted (from :meth:`train_batches`) to fill the count.
-        """
-        precision, taken = trainer.precision_plugin, []
-        for _ in range(self.num_batches):
-            batch = next(batches, _END)
-            if batch is _END:
-                batch = next(self.train_batches(trainer), _END)
-                if batch is _END:
-                    raise PruningError(f"{type(self).__name__}: the training dataloader yielded no batch.")
-            taken.append(precision.convert_input(trainer.strategy.batch_to_device(batch)))
-        return taken
+        """The next ``num_batches`` batches of ``batches``, on the training device and in its precision."""
+        precision = trainer.precision_plugin
+        return [
+            precision.convert_input(trainer.strategy.batch_to_device(next(batches)))
+            for _ in range(self.num_batches)
+        ]
 
     def loss_stream(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]
@@ -287,7 +285,15 @@ class PruningCallback(Callback):
         return losses
 
     def train_batches(self, trainer: pl.Trainer) -> Iterator[Any]:
-        """A fresh iterator over the training data (the trainer's own iterator is not touched)."""
+        """The training data, batch after batch, starting over when it runs out (never ends).
+
+        A fresh iterator: the trainer's own is not touched. Every call starts a new pass, so with a
+        shuffling loader each call sees new random batches; steps that share one iterator see consecutive
+        batches.
+
+        Raises:
+            PruningError: If the training dataloader yields no batch at all.
+        """
         loader = trainer.train_dataloader
         if loader is None:
             trainer.fit_loop.setup_data()
@@ -295,9 +301,9 @@ class PruningCallback(Callback):
         if isinstance(loader, Mapping | Sequence):
             from lightning.pytorch.utilities import CombinedLoader
 
-            combined = CombinedLoader(loader, "max_size_cycle")
-            return (batch for batch, _, _ in iter(combined))
-        return iter(loader)
+            loader = CombinedLoader(loader, "max_size_cycle")
+            return _cycle(lambda: (batch for batch, _, _ in iter(loader)), type(self).__name__)
+        return _cycle(lambda: iter(loader), type(self).__name__)
 
     def example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ExampleInputs:
         """``example_input_array`` if the module sets it, else the inputs of one training batch."""
@@ -348,7 +354,7 @@ class PruningCallback(Callback):
         removals = graph.prune(plan)
         for cb in trainer.callbacks:
             if isinstance(cb, PruningCallback):
-                cb.slice_masks(removals)
+                cb.on_shrink(removals)
         if snapshot is not None:
             snapshot.restore(trainer, pl_module, removals)
         strategy = trainer.strategy
@@ -391,6 +397,16 @@ class PruningCallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(dict(metrics), step=trainer.global_step)
+
+
+def _cycle(start: Callable[[], Iterator[Any]], owner: str) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in start():
+            empty = False
+            yield batch
+        if empty:
+            raise PruningError(f"{owner}: the training dataloader yielded no batch.")
 
 
 def _resize_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:

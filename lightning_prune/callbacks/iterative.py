@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
 from lightning_prune.schedules import snipit_schedule
 from lightning_prune.stats import model_stats
-from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, lowest_channels, node_weights
+from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, Removal, lowest_channels, node_weights
 
 WHEN = ("before", "during")
 
@@ -51,6 +52,10 @@ class IterativeSNIPCallback(PruningCallback):
     - ``when="before"``: every step at the start of fit, before the first optimizer step.
     - ``when="during"``: one step per pruning event, at the end of epoch ``e`` (counted from 1) whenever
       ``e − prune_delay > 0`` and ``(e − prune_delay) % prune_freq == 0``, until ``limit`` is reached.
+      Lightning validates before ``on_train_epoch_end``, so the validation of an event epoch sees the
+      network before that step; checkpoints saved at the epoch end see it after. Setup refuses a
+      ``max_epochs``/``max_steps`` budget that ends before the last event, and warns when it ends right
+      at it (the last step would never be trained).
     - Unstructured (default criterion ``"snip"``, ``|∂L/∂w ⊙ w|``): ``limit`` is the fraction of the
       selected weights removed; pruned weights score lowest at later steps and stay exactly zero.
     - Structured (default criterion ``"snap"``, SNAP-it's node sensitivity ``|∂L/∂gate|``): ``limit`` is the
@@ -127,6 +132,11 @@ class IterativeSNIPCallback(PruningCallback):
         self.when = when
         self.prune_delay = _check_int(owner, "prune_delay", prune_delay, 0)
         self.prune_freq = _check_int(owner, "prune_freq", prune_freq, 1)
+        if criterion is not None and not isinstance(criterion, str):
+            raise PruningError(
+                f"`{owner}(criterion={criterion!r})` is invalid: `criterion` must be a name such as 'snip' "
+                "(see lightning_prune.list_criteria())."
+            )
         self.criterion_name = criterion if criterion is not None else ("snap" if structured else "snip")
         self.criterion = get_criterion(self.criterion_name, structured, owner=owner)
         self.seed = _check_int(owner, "seed", seed, 0)
@@ -144,6 +154,11 @@ class IterativeSNIPCallback(PruningCallback):
                 )
         self.rewind_epoch = rewind_epoch
         self.schedule = snipit_schedule(self.limit, self.steps, self.start)
+        if self.steps > 0 and self.start >= self.limit > 0:
+            rank_zero_warn(
+                f"{owner}(limit={self.limit}, start={self.start}): `start` is not below `limit`, so pruning "
+                f"happens in one step to {self.limit} (`steps={self.steps}` has no effect)."
+            )
         self.step = 0  # pruning steps done
         self.rewind: dict[str, torch.Tensor] = {}
         self.report: dict[str, float] = {}
@@ -166,13 +181,31 @@ class IterativeSNIPCallback(PruningCallback):
     def state_dict(self) -> dict[str, Any]:
         """See :meth:`PruningCallback.state_dict`; adds the steps done and the rewind weights."""
         rewind = {n: t.detach().cpu() for n, t in self.rewind.items()}
-        return {**super().state_dict(), "step": self.step, "rewind": rewind}
+        return {**super().state_dict(), "step": self.step, "schedule": list(self.schedule), "rewind": rewind}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """See :meth:`PruningCallback.load_state_dict`."""
         super().load_state_dict(state_dict)
         self.step = int(state_dict.get("step", len(self.schedule) if state_dict.get("pruned") else 0))
+        saved = state_dict.get("schedule")
+        if (
+            saved is not None
+            and self.step
+            and [round(p, 9) for p in saved] != [round(p, 9) for p in self.schedule]
+        ):
+            raise PruningError(
+                f"{type(self).__name__}: the checkpoint was written with the schedule {saved} "
+                f"({self.step} steps done), but this callback's schedule is {self.schedule}: resume with "
+                "the same `limit`, `steps` and `start`."
+            )
         self.rewind = dict(state_dict.get("rewind", {}))
+
+    def on_shrink(self, removals: Sequence[Removal]) -> None:
+        """Cut the masks and the rewind weights like the parameters were cut."""
+        super().on_shrink(removals)
+        for r in removals:
+            if r.param in self.rewind:
+                self.rewind[r.param] = r.apply(self.rewind[r.param])
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,6 +226,11 @@ class IterativeSNIPCallback(PruningCallback):
                 f"of epoch {last}, but the trainer stops after max_epochs={max_epochs}: raise max_epochs, "
                 "or lower prune_delay, prune_freq or steps."
             )
+        if stage == "fit" and self.when == "during" and not trainer.fast_dev_run and max_epochs == last:
+            rank_zero_warn(
+                f"{type(self).__name__}: the last pruning step runs at the end of the last epoch ({last}); "
+                "the network is not trained (nor validated) after it. Raise max_epochs to fine-tune it."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune every step before training (``when="before"``); keep the rewind point; attach masks."""
@@ -207,7 +245,48 @@ class IterativeSNIPCallback(PruningCallback):
             batches = self.train_batches(trainer)
             while self.step < due:
                 self.prune_step(trainer, pl_module, batches)
+        if self.when == "during" and self.step < len(self.schedule):
+            self._check_before_training(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
+
+    def _check_before_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """What would fail at the first pruning event fails now: budget, loss, inputs, prunable groups."""
+        owner = type(self).__name__
+        per_epoch = trainer.num_training_batches
+        if trainer.max_steps > 0 and not trainer.fast_dev_run and per_epoch not in (0, float("inf")):
+            steps = trainer.accumulate_grad_batches
+            needed = math.ceil(self.event_epochs()[-1] * per_epoch / steps)
+            if trainer.max_steps < needed:
+                raise PruningError(
+                    f"{owner}: the last pruning step runs at the end of epoch {self.event_epochs()[-1]} "
+                    f"(after about {needed} optimizer steps), but max_steps={trainer.max_steps}: raise "
+                    "max_steps, or lower prune_delay, prune_freq or steps."
+                )
+        losses = self.loss_stream(
+            trainer, pl_module, self.scoring_batches(trainer, self.train_batches(trainer))[:1]
+        )
+        for _ in losses():  # `training_step` returns a usable loss
+            pass
+        if self.structured:
+            selected = set(self._layers)
+            frozen = [
+                n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected
+            ]
+            graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
+            if not any(g.prunable and g.size > 1 for g in graph.groups):
+                raise PruningError(
+                    f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
+                    "(layers producing the model output and excluded layers are kept whole)."
+                )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn if training stopped before the schedule was done."""
+        if self.step < len(self.schedule):
+            reached = self.report.get(f"prune/{'node' if self.structured else 'weight'}_sparsity", 0.0)
+            rank_zero_warn(
+                f"{type(self).__name__}: training stopped after {self.step} of {len(self.schedule)} pruning "
+                f"steps, at sparsity {reached:.2%} instead of limit={self.limit}."
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the rewind point; at a pruning event, prune one step (``when="during"``)."""
@@ -239,11 +318,10 @@ class IterativeSNIPCallback(PruningCallback):
             self._prune_weights(trainer, pl_module, inputs, target)
         self.step += 1
         metrics = self.sparsity_metrics(pl_module)
-        try:
-            example = self.example_inputs(trainer, pl_module)
-            metrics["prune/macs"] = float(model_stats(pl_module, example).macs)
-        except PruningError as err:  # unstructured pruning needs no inputs; MACs are optional
-            rank_zero_warn(f"{type(self).__name__}: prune/macs not logged: {err}")
+        if self.structured:  # masking does not change the (dense) MAC count
+            metrics["prune/macs"] = float(
+                model_stats(pl_module, self.example_inputs(trainer, pl_module)).macs
+            )
         metrics.update({"prune/step": float(self.step), "prune/target": target})
         metrics["prune/seconds"] = time.perf_counter() - started
         self.report = metrics
@@ -280,13 +358,14 @@ class IterativeSNIPCallback(PruningCallback):
         scores = self._checked(self.criterion.weight_scores(inputs), {n: w.shape for n, w in weights.items()})
         flat = []
         for name, w in weights.items():
-            s = scores[name].detach().to(w.device, torch.float64).flatten()
+            s = scores[name].detach().to(w.device, torch.float32).flatten()
             if name in self.masks:  # pruned weights rank below every surviving one
                 s = s.masked_fill(~self.masks[name].to(w.device).flatten(), float("-inf"))
             flat.append(s)
         flat = self.sum_over_ranks(trainer, torch.cat(flat))
         keep = torch.zeros_like(flat, dtype=torch.bool)
-        n_keep = round(flat.numel() * (1 - target))
+        # the target counts against the weights before any pruning (another callback may have shrunk some)
+        n_keep = min(round(self.initial["weights"] * (1 - target)), flat.numel())
         if n_keep:
             keep[torch.topk(flat, n_keep, sorted=False).indices] = True
         keep = self.from_rank_zero(trainer, keep.cpu())
@@ -317,7 +396,7 @@ class IterativeSNIPCallback(PruningCallback):
             return
         inputs = ScoringInputs(pl_module, {}, inputs.losses, groups, inputs.generator)
         scores = self._checked(self.criterion.node_scores(inputs), {g.name: (g.size,) for g in groups})
-        flat = torch.cat([scores[g.name].detach().to(pl_module.device, torch.float64) for g in groups])
+        flat = torch.cat([scores[g.name].detach().to(pl_module.device, torch.float32) for g in groups])
         flat = self.sum_over_ranks(trainer, flat).cpu()
         sizes = [g.size for g in groups]
         scores = {g.name: s for g, s in zip(groups, flat.split(sizes), strict=True)}
@@ -326,15 +405,12 @@ class IterativeSNIPCallback(PruningCallback):
         amount = (target - before) * self.initial["nodes"] / max(scored, 1)
         plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, min(max(amount, 0.0), 1.0)))
         if plan:
-            removals = self.shrink_in_fit(trainer, pl_module, graph, plan)
-            for r in removals:
-                if r.param in self.rewind:
-                    self.rewind[r.param] = r.apply(self.rewind[r.param])
+            self.shrink_in_fit(trainer, pl_module, graph, plan)
 
     # -- rewinding -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _keep_rewind_point(self, pl_module: pl.LightningModule) -> None:
-        self.rewind = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.rewind = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
 
     @torch.no_grad()
     def _rewind(self, pl_module: pl.LightningModule) -> None:

@@ -24,6 +24,40 @@ AGGREGATES = ("max", "mean", "sum")
 SMALL = 1e-2  # |γ| below this counts as "near zero" in the logged fraction
 
 
+def scale_scores(
+    group: ChannelGroup, module: nn.Module, norms: Sequence[str], aggregate: str = "max"
+) -> torch.Tensor | None:
+    """Network Slimming's channel score: ``|γ|`` of the group's norm layers among ``norms``, aggregated.
+
+    Args:
+        group: A channel group of ``module``.
+        module: The model the group belongs to.
+        norms: Qualified names of the norm layers whose scales count.
+        aggregate: ``"max"``, ``"mean"`` or ``"sum"`` over the norms a channel passes through.
+
+    Returns:
+        One float64 score per channel of ``group``, or ``None`` if no norm of ``norms`` is in the group.
+    """
+    values, channels = [], []
+    selected = {f"{n}.weight" for n in norms}
+    params = dict(module.named_parameters())
+    for s in group.slices:
+        if s.role == "norm" and s.param in selected:
+            gamma = params[s.param].detach().abs().float().cpu()
+            values.append(gamma.index_select(0, s.positions))
+            channels.append(s.channels)
+    if not values:
+        return None
+    v, c = torch.cat(values).double(), torch.cat(channels)
+    zeros = torch.zeros(group.size, dtype=torch.float64)
+    if aggregate == "max":
+        return zeros.scatter_reduce_(0, c, v, "amax", include_self=False)
+    total = zeros.index_add_(0, c, v)
+    if aggregate == "sum":
+        return total
+    return total / torch.bincount(c, minlength=group.size).clamp_min(1)
+
+
 class SlimmingL1Callback(PruningCallback):
     """Network Slimming: L1 on normalization scales during training, then prune channels by ``|γ|``.
 
@@ -214,26 +248,8 @@ class SlimmingL1Callback(PruningCallback):
 
     # -- pruning -------------------------------------------------------------------------------------------
     def channel_scores(self, group: ChannelGroup, module: nn.Module) -> torch.Tensor | None:
-        """One score per channel of ``group``: its selected norms' ``|γ|``, aggregated; ``None`` if none."""
-        values, channels = [], []
-        selected = {f"{n}.weight" for n in self._norms}
-        params = dict(module.named_parameters())
-        for s in group.slices:
-            if s.role == "norm" and s.param in selected:
-                gamma = params[s.param].detach().abs().float().cpu()
-                values.append(gamma.index_select(0, s.positions))
-                channels.append(s.channels)
-        if not values:
-            return None
-        v, c = torch.cat(values).double(), torch.cat(channels)
-        if self.aggregate == "max":
-            return torch.zeros(group.size, dtype=torch.float64).scatter_reduce_(
-                0, c, v, "amax", include_self=False
-            )
-        total = torch.zeros(group.size, dtype=torch.float64).index_add_(0, c, v)
-        if self.aggregate == "sum":
-            return total
-        return total / torch.bincount(c, minlength=group.size).clamp_min(1)
+        """One score per channel of ``group`` from its selected norms (see :func:`scale_scores`)."""
+        return scale_scores(group, module, self._norms, self.aggregate)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the lowest-|γ| channels now (physically, optimizer state carried over)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,24 +81,37 @@ def producer_weights(module: nn.Module, groups: Iterable[ChannelGroup]) -> dict[
     return found
 
 
+def _channels(layer: nn.Module) -> tuple[int, Callable[[torch.Tensor], int]]:
+    """Output channels of a conv/linear/norm layer and where they sit in its output."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return layer.out_channels, lambda out: 1 if out.dim() == 2 + len(layer.kernel_size) else 0
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
+        size = (
+            layer.num_features if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer.num_channels
+        )
+        return size, lambda out: 1 if out.dim() > 1 else 0
+    if isinstance(layer, nn.LayerNorm):
+        return layer.normalized_shape[-1], lambda out: out.dim() - 1
+    return layer.out_features, lambda out: out.dim() - 1
+
+
 @contextlib.contextmanager
 def output_gates(module: nn.Module, layers: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Multiply the output of each conv/linear layer by a gate of ones (one per output channel).
+    """Multiply the output of each conv/linear/norm layer by a gate of ones (one per output channel).
 
-    The gates are float32 leaves that require grad; the forward pass is unchanged. SNAP's gate sits after
-    the bias, before any norm layer, which is where a forward hook on the layer puts it.
+    The gates are float32 leaves that require grad; the forward pass is unchanged. On a conv/linear layer the
+    gate sits after the bias, before any norm layer (SNAP's node gate); on a norm layer it sits after the
+    affine shift (GateDecorators' gate on BatchNorm).
     """
     gates, handles = {}, []
     for name in layers:
         layer = module.get_submodule(name)
-        is_conv = isinstance(layer, nn.modules.conv._ConvNd)
-        size = layer.out_channels if is_conv else layer.out_features
-        gate = torch.ones(size, device=layer.weight.device, requires_grad=True)
+        size, channel_dim = _channels(layer)
+        gate = torch.ones(size, device=next(layer.parameters()).device, requires_grad=True)
 
-        def hook(mod, args, out, gate=gate, is_conv=is_conv):
-            dim = (1 if out.dim() == 2 + len(mod.kernel_size) else 0) if is_conv else out.dim() - 1
+        def hook(mod, args, out, gate=gate, channel_dim=channel_dim):
             shape = [1] * out.dim()
-            shape[dim] = -1
+            shape[channel_dim(out)] = -1
             return out * gate.to(out.dtype).view(shape)
 
         handles.append(layer.register_forward_hook(hook))
@@ -111,13 +124,13 @@ def output_gates(module: nn.Module, layers: Iterable[str]) -> Iterator[dict[str,
 
 
 def _gate_sum(
-    group: ChannelGroup, values: Mapping[str, torch.Tensor], suffix: str = ".weight"
+    group: ChannelGroup, values: Mapping[str, torch.Tensor], roles: tuple[str, ...] = ("out",)
 ) -> torch.Tensor:
     """Per-channel sum of 1-D ``values`` (layer → one value per output channel) over the group's slices."""
     total = torch.zeros(group.size, dtype=torch.float64)
     for s in group.slices:
-        layer = s.param[: -len(suffix)] if s.param.endswith(suffix) else None
-        if layer in values and s.role in ("out", "norm"):
+        layer = s.param.removesuffix(".weight") if s.param.endswith(".weight") else None
+        if layer in values and s.role in roles:
             part = values[layer].index_select(0, s.positions.to(values[layer].device))
             total.index_add_(0, s.channels, part.detach().to("cpu", torch.float64))
     return total
@@ -171,10 +184,12 @@ class SNAP(Criterion):
 
 @register_criterion
 class Taylor(Criterion):
-    """First-order Taylor importance ``|γ · ∂L/∂γ|`` of channel gates (GateDecorators, arXiv:1909.08174).
+    """First-order Taylor importance of channel gates (GateDecorators, Zhao et al., arXiv:1909.08174).
 
-    The gates are the scales ``γ`` of the norm layers in each group (summed over the group's norms);
-    a group without a norm layer gets a gate of ones on its producers' outputs (then the score equals SNAP's).
+    A gate ``φ`` of ones multiplies the output of each norm layer in a group (after its affine shift, as the
+    paper's gated BatchNorm); the score ``|φ · ∂L/∂φ| = |∂L/∂φ|`` (gradients summed over the scoring batches)
+    is summed over the group's norm layers. A group without a norm layer gets the gate on its producers'
+    outputs instead (then the score equals SNAP's).
     """
 
     name = "taylor"
@@ -182,19 +197,25 @@ class Taylor(Criterion):
 
     def node_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
         module = inputs.module
-        params = dict(module.named_parameters())
-        scales, bare = {}, []
+        norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+        layers = []
         for g in inputs.groups:
-            norms = [s.param for s in g.slices if s.role == "norm" and s.param.endswith(".weight")]
-            norms = [n for n in norms if n in params and params[n].dim() == 1]
-            scales.update({n.removesuffix(".weight"): params[n] for n in norms})
-            if not norms:
-                bare += [n.removesuffix(".weight") for n in producer_weights(module, [g])]
-        with output_gates(module, bare) as gates:
-            tensors = {**scales, **gates}
-            grads, _ = summed_gradients(inputs.losses(), list(tensors.values()))
-        values = {n: (t.detach().float() * g).abs() for (n, t), g in zip(tensors.items(), grads, strict=True)}
-        return {g.name: _gate_sum(g, values) for g in inputs.groups}
+            norms = [
+                s.param.removesuffix(".weight")
+                for s in g.slices
+                if s.role == "norm"
+                and s.param.endswith(".weight")
+                and isinstance(module.get_submodule(s.param.removesuffix(".weight")), norm_types)
+            ]
+            layers += norms or [n.removesuffix(".weight") for n in producer_weights(module, [g])]
+        with output_gates(module, dict.fromkeys(layers)) as gates:
+            grads, _ = summed_gradients(inputs.losses(), list(gates.values()))
+        values = {n: g.abs() for n, g in zip(gates, grads, strict=True)}
+        scores = {}
+        for g in inputs.groups:
+            has_norm = any(s.role == "norm" and s.param.removesuffix(".weight") in values for s in g.slices)
+            scores[g.name] = _gate_sum(g, values, roles=("norm",) if has_norm else ("out",))
+        return scores
 
 
 @register_criterion

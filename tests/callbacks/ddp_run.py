@@ -19,6 +19,22 @@ class Dump(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+        pruner = next(cb for cb in trainer.callbacks if hasattr(cb, "masks"))
+        masks = {k: v.cpu() for k, v in pruner.masks.items()}
+        torch.save(masks, self.folder / f"masks{trainer.global_rank}.pt")
+
+
+class RecordScores:
+    """Wraps a criterion: each rank writes the scores it computed (before the sum over ranks)."""
+
+    def __init__(self, inner, folder: Path) -> None:
+        self.inner, self.folder = inner, folder
+
+    def weight_scores(self, inputs):
+        scores = self.inner.weight_scores(inputs)
+        rank = torch.distributed.get_rank()
+        torch.save({n: s.detach().cpu() for n, s in scores.items()}, self.folder / f"scores{rank}.pt")
+        return scores
 
 
 if __name__ == "__main__":
@@ -38,6 +54,8 @@ if __name__ == "__main__":
         pruner = SlimmingL1Callback(penalty=1e-3, limit=0.5, prune_at=2)
     else:
         pruner = SNIPCallback(limit=0.6, structured=mode == "structured", num_batches=2)
+        if mode == "unstructured":
+            pruner.criterion = RecordScores(pruner.criterion, folder)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",

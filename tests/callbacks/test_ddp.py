@@ -39,6 +39,16 @@ def test_two_ranks_agree(tmp_path, mode):
         assert a["model.stem.0.weight"].shape[0] < 8
     else:
         assert zeros == pytest.approx(0.6, abs=1e-3)
+        # the decision is the top 40% of the scores SUMMED over both ranks (each saw different batches)
+        s0 = torch.load(tmp_path / "scores0.pt", weights_only=True)
+        s1 = torch.load(tmp_path / "scores1.pt", weights_only=True)
+        masks = torch.load(tmp_path / "masks0.pt", weights_only=True)
+        assert not torch.equal(s0["model.stem.0.weight"], s1["model.stem.0.weight"])
+        total = torch.cat([(s0[k] + s1[k]).flatten() for k in masks])
+        kept = torch.cat([masks[k].flatten() for k in masks])
+        assert total[kept].min() >= total[~kept].max()
+        rank0 = torch.cat([s0[k].flatten() for k in masks])
+        assert not rank0[kept].min() >= rank0[~kept].max()  # rank 0's own scores would decide otherwise
 
 
 def test_structured_under_ddp_spawn_is_refused_in_setup(tmp_path):

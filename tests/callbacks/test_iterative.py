@@ -54,6 +54,7 @@ def node_count(module):
         ({"criterion": "grasp", "structured": True}, r"cannot score channels"),
         ({"criterion": "snap"}, r"cannot score single weights"),
         ({"seed": -3}, r"`seed` must be an int >= 0"),
+        ({"criterion": ["snip"]}, r"`criterion` must be a name such as 'snip'"),
         ({"rewind_epoch": 1}, r"needs `when='during'`"),
         (
             {"rewind_epoch": 5, "when": "during", "prune_delay": 2, "prune_freq": 2},
@@ -81,6 +82,62 @@ def test_too_few_epochs_for_the_events_fails_in_setup(tmp_path):
     cb = IterativeSNIPCallback(limit=0.8, steps=1, when="during", prune_delay=1, prune_freq=2)
     with pytest.raises(PruningError, match=r"last time at the end of epoch 7, but .* max_epochs=5"):
         trainer(tmp_path, [cb], max_epochs=5).fit(TinyModule())
+
+
+def test_start_at_or_above_limit_warns_that_steps_have_no_effect():
+    with pytest.warns(UserWarning, match=r"`start` is not below `limit`, so pruning happens in one step"):
+        cb = SNIPit(limit=0.3)
+    assert cb.schedule == [0.3]
+
+
+def test_budget_and_model_problems_fail_before_training(tmp_path):
+    during = {"limit": 0.8, "steps": 1, "when": "during", "prune_delay": 1, "prune_freq": 1}
+    with pytest.raises(
+        PruningError, match=r"end of epoch 4 \(after about 16 optimizer steps\), but max_steps=10"
+    ):
+        trainer(tmp_path, [IterativeSNIPCallback(**during)], max_epochs=10, max_steps=10).fit(TinyModule())
+
+    class HeadOnly(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
+
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, *args):
+            steps.append(1)
+
+    pruner = IterativeSNIPCallback(structured=True, **during)
+    with pytest.raises(PruningError, match=r"no channel group of HeadOnly can be pruned"):
+        trainer(tmp_path, [pruner, Steps()], max_epochs=10).fit(HeadOnly())
+    assert steps == []  # refused before the first step, not at the first event
+
+
+def test_a_schedule_cut_short_warns_at_the_end(tmp_path):
+    cb = IterativeSNIPCallback(limit=0.8, steps=1, when="during", prune_delay=0, prune_freq=1)
+    early_stop = pl.callbacks.Callback()
+    early_stop.on_train_epoch_end = lambda trainer, *a: setattr(
+        trainer, "should_stop", trainer.current_epoch >= 1
+    )
+    with pytest.warns(UserWarning, match=r"training stopped after 2 of 3 pruning steps, at sparsity 65.0"):
+        trainer(tmp_path, [cb, early_stop], max_epochs=5).fit(TinyModule())
+
+
+def test_steps_before_training_score_on_consecutive_batches(tmp_path):
+    """Each step scores fresh batches; a loader that runs out starts over (4 batches, 2 per step)."""
+    seen = []
+
+    class Indexed(Ordered):
+        def training_step(self, batch, batch_idx):
+            seen.append(float(batch[0][0, 0, 0, 0]))
+            return super().training_step(batch, batch_idx)
+
+    module = Indexed()
+    firsts = [float(x[0, 0, 0, 0]) for x, _ in module.train_dataloader()]
+    cb = IterativeSNIPCallback(limit=0.9, steps=2, num_batches=2)  # 4 steps: 8 scoring batches
+    trainer(tmp_path, [cb], max_steps=1).fit(module)
+    assert seen[:8] == [firsts[i] for i in (0, 1, 2, 3, 0, 1, 2, 3)]
 
 
 # -- before training -------------------------------------------------------------------------------------
@@ -144,10 +201,14 @@ class OptimizerStateCheck(IterativeSNIPCallback):
         weight = pl_module.model.features[0].weight
         before = {k: v.clone() for k, v in opt.state[weight].items()}
         next_before = {k: v.clone() for k, v in opt.state[pl_module.model.features[3].weight].items()}
+        lr, scheduler = opt.param_groups[0]["lr"], trainer.lr_scheduler_configs[0].scheduler.state_dict()
         removals = super().shrink_in_fit(trainer, pl_module, graph, plan)
         if trainer.global_step == 0:
             return removals
         opt = trainer.optimizers[0]
+        assert opt.param_groups[0]["lr"] == lr  # decayed learning rate and scheduler state carried over
+        assert trainer.lr_scheduler_configs[0].scheduler.state_dict() == scheduler
+        assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
         removed = plan.get("model.features.0", [])
         keep = torch.tensor([c for c in range(before["exp_avg"].shape[0]) if c not in removed])
         after = opt.state[pl_module.model.features[0].weight]
@@ -167,7 +228,7 @@ class OptimizerStateCheck(IterativeSNIPCallback):
 
 def test_structured_during_keeps_the_optimizer_state_of_kept_channels(tmp_path):
     pl.seed_everything(0)
-    module = TinyModule(optimizer="adam", lr=0.01, scheduler=False)
+    module = TinyModule(optimizer="adam", lr=0.01, scheduler=True)
     cb = OptimizerStateCheck(
         limit=0.6, start=0.3, structured=True, steps=1, when="during", prune_delay=0, prune_freq=1
     )
@@ -214,16 +275,40 @@ def test_resume_between_two_steps_ends_like_an_uninterrupted_run(tmp_path, struc
     assert all(torch.equal(cb.masks[k].cpu(), cb2.masks[k].cpu()) for k in cb.masks)
 
 
-def test_events_missed_by_an_early_checkpoint_run_on_resume(tmp_path):
-    """A checkpoint written at validation end (before the epoch-end event) must not skip the event."""
+def test_an_event_missed_by_a_step_checkpoint_runs_on_resume(tmp_path):
+    """A checkpoint written after the last batch of an event epoch, before the epoch-end hook pruned:
+    resuming from it must still take that step (and end like an uninterrupted run)."""
+
+    def run(callbacks, **kwargs):
+        pl.seed_everything(0)
+        module = Ordered()
+        trainer(tmp_path, callbacks, max_epochs=3, **kwargs).fit(module)
+        return module
+
+    make = lambda: IterativeSNIPCallback(limit=0.6, steps=0, when="during", prune_delay=0, prune_freq=2)  # noqa: E731
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    whole = run([make(), ckpt], enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"  # last batch of epoch 2, the event epoch
+    assert torch.load(path, weights_only=True)["callbacks"][make().state_key]["step"] == 0
+    cb = make()
     pl.seed_everything(0)
-    cb = IterativeSNIPCallback(limit=0.6, steps=0, when="during", prune_delay=0, prune_freq=1)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=False)
-    trainer(tmp_path, [ckpt], max_epochs=1, enable_checkpointing=True).fit(TinyModule())  # no pruning yet
-    (path,) = (tmp_path / "ckpt").iterdir()
-    trainer(tmp_path, [cb], max_epochs=2).fit(TinyModule(), ckpt_path=path)
+    resumed = Ordered()
+    trainer(tmp_path, [cb], max_epochs=3).fit(resumed, ckpt_path=path, weights_only=True)
     assert cb.step == 1
-    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+
+
+def test_resuming_with_another_schedule_is_refused(tmp_path):
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    first = IterativeSNIPCallback(limit=0.6, steps=1, when="during", prune_delay=0, prune_freq=1)
+    trainer(tmp_path, [first, ckpt], max_epochs=3, enable_checkpointing=True).fit(TinyModule())
+    other = IterativeSNIPCallback(limit=0.6, steps=2, when="during", prune_delay=0, prune_freq=1)
+    with pytest.raises(PruningError, match=r"written with the schedule .* resume with the same `limit`"):
+        trainer(tmp_path, [other], max_epochs=4).fit(
+            TinyModule(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+        )
 
 
 # -- rewinding -------------------------------------------------------------------------------------------
@@ -235,20 +320,54 @@ class RewindCheck(IterativeSNIPCallback):
             self.after_event = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
 
+class Snapshots(pl.Callback):
+    """Parameters at the end of every epoch, recorded before the pruner runs (it is listed first)."""
+
+    def __init__(self):
+        self.epochs = {}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs[trainer.current_epoch + 1] = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters()
+        }
+
+
 def test_imp_rewinds_surviving_weights_to_the_rewind_epoch(tmp_path):
     pl.seed_everything(0)
     module = TinyModule()
+    snapshots = Snapshots()
     cb = RewindCheck(
         limit=0.75, criterion="magnitude", steps=0, when="during", prune_delay=1, prune_freq=1, rewind_epoch=1
     )
-    trainer(tmp_path, [cb], max_epochs=3).fit(module)
-    assert cb.step == 1 and cb.rewind
-    for name, value in cb.after_event.items():
-        expected = cb.rewind[name] * cb.masks[name] if name in cb.masks else cb.rewind[name]
+    trainer(tmp_path, [snapshots, cb], max_epochs=3).fit(module)
+    assert cb.step == 1
+    epoch1, epoch2 = snapshots.epochs[1], snapshots.epochs[2]
+    for name, value in cb.after_event.items():  # right after the event at the end of epoch 2
+        expected = epoch1[name] * cb.masks[name].to(value.dtype) if name in cb.masks else epoch1[name]
         assert torch.equal(value, expected), name
+        assert not torch.equal(value, epoch2[name]), name  # epoch 2 really changed it; it was rewound
     assert not torch.equal(
-        cb.rewind["model.features.0.weight"], module.model.features[0].weight
-    )  # trained on
+        module.model.features[0].weight, cb.after_event["model.features.0.weight"]
+    )  # trained
+
+
+def test_rewinding_survives_another_callbacks_shrink(tmp_path):
+    """IMP with rewinding next to SNAP-it during training: the rewind weights are cut like the model."""
+    pl.seed_everything(0)
+    module = TinyModule()
+    imp = IterativeSNIPCallback(
+        limit=0.5, criterion="magnitude", steps=0, when="during", prune_delay=2, prune_freq=1, rewind_epoch=0
+    )
+    snap = IterativeSNIPCallback(
+        limit=0.4, structured=True, steps=0, when="during", prune_delay=1, prune_freq=1
+    )
+    trainer(tmp_path, [snap, imp], max_epochs=4).fit(module)
+    assert snap.step == imp.step == 1
+    params = dict(module.named_parameters())
+    assert module.model.features[0].out_channels < 8
+    for name, value in imp.rewind.items():
+        assert value.shape == params[name].shape, name
+    assert imp.report["prune/weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
 # -- every criterion through the callback: the highest scores are kept ---------------------------------
@@ -319,7 +438,7 @@ def test_snapit_preset_shrinks_torchvision_models(tmp_path, name):
     cb = SNAPit(steps=1, num_batches=1)  # limit 0.93, three steps: 0.5, 0.715, 0.93
     trainer(tmp_path, [cb], max_steps=2).fit(module)
     assert cb.step == 3
-    assert cb.report["prune/node_sparsity"] > 0.85
+    assert cb.report["prune/node_sparsity"] == pytest.approx(0.93, abs=0.01)
     assert sum(p.numel() for p in module.parameters()) < 0.1 * params
     module.eval()
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 4)

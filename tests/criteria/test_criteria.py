@@ -122,14 +122,30 @@ def test_snap_is_abs_of_summed_gate_gradient():
     assert not torch.allclose(nodes["features.0"], get_criterion("snip").node_scores(inputs)["features.0"])
 
 
-def test_taylor_uses_norm_scales_and_gates_where_there_is_no_norm():
+def test_taylor_gates_the_norm_output_after_its_shift():
+    """GateDecorators: φ multiplies the BatchNorm output z = γ·x̂ + β; score |φ·∂L/∂φ| = |Σ ∂L/∂z · z|.
+
+    With β ≠ 0 this differs from |γ·∂L/∂γ| (which leaves out β·∂L/∂β): the test makes sure it is the gate.
+    """
     model, _, groups = model_and_groups(TinyCNN)
+    with torch.no_grad():
+        model.features[1].bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
     inputs, data = make_inputs(model, groups)
     nodes = get_criterion("taylor").node_scores(inputs)
+    outputs = []
+
+    def keep(module, args, z):
+        z.retain_grad()
+        outputs.append(z)
+
+    handle = model.features[1].register_forward_hook(keep)
     hand_gradients(model, data)
+    handle.remove()
+    gate_grad = sum((z.grad * z).sum((0, 2, 3)) for z in outputs)
+    torch.testing.assert_close(nodes["features.0"], gate_grad.abs().double().detach())
     bn = model.features[1]
-    torch.testing.assert_close(nodes["features.0"], (bn.weight * bn.weight.grad).abs().double().detach())
-    # the hidden linear layer has no norm: a gate of ones, i.e. SNAP's score
+    assert not torch.allclose(nodes["features.0"], (bn.weight * bn.weight.grad).abs().double())
+    # the hidden linear layer has no norm: a gate of ones on its output, i.e. SNAP's score
     torch.testing.assert_close(
         nodes["classifier.1"], get_criterion("snap").node_scores(inputs)["classifier.1"]
     )
