@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lightning_prune.cli as cli_module
-from lightning_prune import SlimmingL1Callback, load_pruned_checkpoint
+from lightning_prune import PruningCallback, SlimmingL1Callback, load_pruned_checkpoint
 from lightning_prune.cli import main
 from lightning_prune.examples import ImageClassifier
 
@@ -78,3 +78,36 @@ def test_slimming_three_stages_run(name, fake_root, no_md5, captured, tmp_path):
     final = load_pruned_checkpoint(ImageClassifier, tmp_path / "outputs" / "slimming" / name / "finetuned.pt")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(final.eval()(x), tuned.eval()(x))
+
+
+SEED_CONFIGS = sorted(
+    str(p.relative_to(EXAMPLES)) for folder in ("snipit", "snip") for p in (EXAMPLES / folder).glob("*.yaml")
+)
+
+
+def test_the_seed_commands_all_have_a_config():
+    names = {Path(p).stem for p in SEED_CONFIGS}
+    assert {
+        "snapit_vgg16_cifar10",
+        "snipit_resnet18_cifar10",
+        "snipit_during_resnet18_cifar10",
+        "snip_vgg16_bn_cifar10",
+        "snip_resnet50_cifar10",
+        "snip_mobilenetv2_cifar10",
+    } <= names
+
+
+@pytest.mark.parametrize("config", SEED_CONFIGS)
+def test_seed_configs_run_on_fake_cifar(config, fake_root, no_md5, captured, tmp_path):
+    args = fast(fake_root)
+    if "torchvision." in (EXAMPLES / config).read_text():
+        args = [a for a in args if "model_kwargs" not in a]  # torchvision models have no width knob
+    main(["fit", "--config", str(EXAMPLES / config), *args])
+    (cli,) = captured
+    pruners = [cb for cb in cli.trainer.callbacks if isinstance(cb, PruningCallback)]
+    for pruner in pruners:
+        if pruner.when == "before":  # "during" events are epochs away; a fast_dev_run only checks the wiring
+            assert pruner.step == len(pruner.schedule)
+    saved = tmp_path / "outputs" / Path(config).parent / Path(config).stem / "shrunk.pt"
+    model = load_pruned_checkpoint(ImageClassifier, saved)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
