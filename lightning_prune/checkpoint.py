@@ -100,7 +100,7 @@ def load_pruned_state_dict(
             ``strict=True``, keys are missing or unexpected; or if no key starts with ``prefix``.
             The model is not modified then.
 
-    Example:
+    Examples:
         >>> import io, torch
         >>> from torch import nn
         >>> from lightning_prune import shrink
@@ -159,7 +159,7 @@ def resize_to_state_dict(model: _M, state_dict: Mapping[str, Any]) -> _M:
     ignored). The pruning callbacks use it to give a model the shrunk shapes of a checkpoint before Lightning
     loads its weights.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = resize_to_state_dict(nn.Linear(8, 4), nn.Linear(6, 4).state_dict())
         >>> net.in_features, tuple(net.weight.shape)

@@ -48,7 +48,7 @@ def main(args: ArgsType = None) -> None:
         SystemExit: After ``--help``, or with a non-zero status when the command line or a config file
             is invalid (the message names the bad option).
 
-    Example:
+    Examples:
         Run one fast development batch of the digits job from Python::
 
             from lightning_prune.cli import main

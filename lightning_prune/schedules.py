@@ -20,7 +20,7 @@ def snipit_schedule(limit: float, steps: int = 5, start: float = 0.5) -> list[fl
     Returns:
         The non-decreasing cumulative sparsities, the last one equal to ``limit``.
 
-    Example:
+    Examples:
         >>> [round(p, 3) for p in snipit_schedule(0.98)]
         [0.5, 0.74, 0.86, 0.92, 0.95, 0.965, 0.98]
         >>> snipit_schedule(0.9, steps=0)

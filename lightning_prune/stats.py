@@ -4,7 +4,7 @@ Pure torch (no Lightning): these functions report what pruning bought. :func:`mo
 parameters, non-zero parameters and the multiply-accumulates (MACs) of one forward pass;
 :func:`measure_latency` times that forward on real hardware.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> stats = model_stats(nn.Linear(10, 5), torch.randn(2, 10))
@@ -52,7 +52,7 @@ class ModelStats:
         macs_by_op: ``macs`` split by aten operator name (``"convolution"``, ``"addmm"``, ``"mm"``,
             ``"bmm"``, ``"_scaled_dot_product_flash_attention_for_cpu"``, ...).
 
-    Example:
+    Examples:
         >>> stats = ModelStats(params=10, nonzero_params=4, macs=0)
         >>> round(stats.sparsity, 2)
         0.6
@@ -110,7 +110,7 @@ def model_stats(model: nn.Module, example_inputs: ExampleInputs) -> ModelStats:
         PruningError: If ``model`` is not an ``nn.Module``, ``example_inputs`` is not a tensor,
             tuple/list or dict, or the model raises when called with ``example_inputs``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -196,7 +196,7 @@ def measure_latency(
         PruningError: If an argument is invalid, the model's parameters are not on ``device``,
             or the model raises when called with the inputs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> seconds = measure_latency(nn.Linear(10, 5), torch.randn(1, 10), batch_size=4)

@@ -8,7 +8,7 @@ tracing one forward pass and removes chosen channels from every layer of a group
 The tracing and surgery are done by Torch-Pruning's ``DependencyGraph``; this module is the small
 interface the rest of lightning-prune uses, so that engine never appears in the public API.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from lightning_prune import ChannelGraph
@@ -140,7 +140,7 @@ def select_layers(
     Raises:
         PruningError: If a pattern matches no layer of ``types`` (the message lists the layers).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> select_layers(net, include=None, exclude=["2"])
@@ -185,7 +185,7 @@ class ChannelGraph:
         PruningError: If ``model`` is not a module, the forward pass fails, or the model has no
             convolution or linear layer.
 
-    Example:
+    Examples:
         >>> import torch, torchvision
         >>> net = torchvision.models.resnet18(num_classes=10)
         >>> graph = ChannelGraph(net, torch.randn(2, 3, 32, 32))
@@ -660,7 +660,7 @@ def shrink(
         PruningError: If the model is not a module, cannot run on ``example_inputs`` or has nothing to
             prune (raised before the model is modified), or if verification fails.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from lightning_prune import shrink

@@ -90,7 +90,7 @@ class IterativeSNIPCallback(PruningCallback):
     Raises:
         PruningError: For invalid arguments (here) or a module, data or trainer they do not fit (in setup).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import IterativeSNIPCallback
         >>> pruner = IterativeSNIPCallback(limit=0.98, when="during", prune_delay=4, prune_freq=4)
@@ -427,7 +427,7 @@ class SNIPit(IterativeSNIPCallback):
     ``SNIPitDuring`` with ``--prune_delay 4 --prune_freq 4`` (``when="during"``). See
     :class:`IterativeSNIPCallback` for the arguments.
 
-    Example:
+    Examples:
         >>> from lightning_prune import SNIPit
         >>> SNIPit(when="during").event_epochs()
         [8, 12, 16, 20, 24, 28, 32]
@@ -468,7 +468,7 @@ class SNAPit(IterativeSNIPCallback):
     pruned; residual networks included. The seed's ``--prune_criterion SNAPit --pruning_limit 0.93``.
     See :class:`IterativeSNIPCallback` for the arguments.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import SNAPit
         >>> trainer = pl.Trainer(callbacks=[SNAPit(limit=0.93)], max_epochs=80, logger=False)

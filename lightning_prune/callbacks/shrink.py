@@ -41,7 +41,7 @@ class ShrinkOnFitEnd(Callback):
     Raises:
         PruningError: ``latency_batch_size`` or ``latency_repeats`` < 1.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import SNIPCallback, ShrinkOnFitEnd
         >>> callbacks = [SNIPCallback(limit=0.5, structured=True), ShrinkOnFitEnd(save_path="small.ckpt")]

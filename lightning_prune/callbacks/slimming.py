@@ -98,7 +98,7 @@ class SlimmingL1Callback(PruningCallback):
     Raises:
         PruningError: For invalid arguments (here) or a model without selected affine norm layers (setup).
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import ShrinkOnFitEnd, SlimmingL1Callback
         >>> slimming = SlimmingL1Callback(penalty=1e-4, limit=0.7)

@@ -45,7 +45,7 @@ class SNIPCallback(IterativeSNIPCallback):
             dataloader, a ``training_step`` that returns no scalar loss, non-finite scores (naming the layer),
             or structured pruning of a model with nothing to prune.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import SNIPCallback
         >>> trainer = pl.Trainer(callbacks=[SNIPCallback(limit=0.9)], max_epochs=1, logger=False)

@@ -9,7 +9,7 @@ Contract, for every registered criterion:
 Criteria are pure torch: the loss comes from a callable (:attr:`ScoringInputs.losses`) that yields the
 training loss of a few batches, each a scalar that requires grad; every call replays the same batches.
 
-Example:
+Examples:
     >>> from lightning_prune.criteria import get_criterion, list_criteria
     >>> list_criteria(structured=False)
     ['grasp', 'magnitude', 'random', 'snip']

@@ -18,7 +18,7 @@ def connection_sensitivity(weight: torch.Tensor, grad: torch.Tensor) -> torch.Te
     Normalising by the global sum, as the paper writes it, does not change a global ranking, so it is left
     to the caller.
 
-    Example:
+    Examples:
         >>> import torch
         >>> connection_sensitivity(torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, 0.5, 3.0]))
         tensor([0.5000, 1.0000, 0.0000])

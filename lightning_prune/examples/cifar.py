@@ -8,7 +8,7 @@ The data is downloaded by :meth:`~CIFAR10DataModule.prepare_data` into ``root`` 
 default), or read from there: ``<root>/cifar-10-batches-py`` and ``<root>/cifar-100-python``, the
 folders torchvision creates (``pip install lightning-prune[examples]``).
 
-Example:
+Examples:
     >>> dm = CIFAR10DataModule(root="data", batch_size=256, val_fraction=0.1)
     >>> dm.num_classes, dm.batch_size, dm.val_fraction
     (10, 256, 0.1)
@@ -220,7 +220,7 @@ class CIFAR10DataModule(_CIFARDataModule):
             under ``root``.
         ModuleNotFoundError: From :meth:`prepare_data` or :meth:`setup` if torchvision is not installed.
 
-    Example:
+    Examples:
         >>> dm = CIFAR10DataModule(root="data", download=False, val_fraction=0.1, num_workers=0)
         >>> dm.num_classes, dm.val_fraction, dm.train_transform.transforms[0]
         (10, 0.1, RandomCrop(size=(32, 32), padding=4))
@@ -260,7 +260,7 @@ class CIFAR100DataModule(_CIFARDataModule):
             under ``root``.
         ModuleNotFoundError: From :meth:`prepare_data` or :meth:`setup` if torchvision is not installed.
 
-    Example:
+    Examples:
         >>> dm = CIFAR100DataModule(root="data", batch_size=64)
         >>> dm.num_classes, dm.mean
         (100, (0.5071, 0.4865, 0.4409))

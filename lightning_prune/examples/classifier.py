@@ -3,7 +3,7 @@
 Every CIFAR and Imagenette config uses :class:`ImageClassifier`; the network is chosen by name from
 :mod:`lightning_prune.models` (``"cifar_vgg16_bn"``, ``"cifar_resnet164"``, ``"torchvision.resnet18"``, ...).
 
-Example:
+Examples:
     >>> model = ImageClassifier("cifar_resnet56", num_classes=100)
     >>> model(model.example_input_array).shape
     torch.Size([2, 100])
@@ -89,7 +89,7 @@ class ImageClassifier(LightningModule):
         PruningError: If an argument is invalid (unknown model names come with the closest names), or
             ``init_from`` is missing or does not fit the model.
 
-    Example:
+    Examples:
         >>> module = ImageClassifier("cifar_vgg11_bn", model_kwargs={"width": 0.5}, scheduler="step")
         >>> module.model.classifier.in_features, module.example_input_array.shape
         (256, torch.Size([2, 3, 32, 32]))

@@ -5,7 +5,7 @@ images of the digits 0–9, shipped inside scikit-learn, so nothing is downloade
 reaches ~98% validation accuracy on it in a few epochs, which makes it a quick, honest check that a
 pruned and shrunk network still works.
 
-Example:
+Examples:
     >>> import torch
     >>> model = DigitsClassifier()
     >>> model(model.example_input_array).shape
@@ -59,7 +59,7 @@ class DigitsDataModule(LightningDataModule):
         PruningError: If an argument is out of range (raised here, before any data is loaded).
         ModuleNotFoundError: From :meth:`setup` if scikit-learn is not installed.
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup("fit")
         >>> x, y = next(iter(dm.train_dataloader()))
@@ -186,7 +186,7 @@ class DigitsClassifier(LightningModule):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> model = DigitsClassifier(width=8)
         >>> model(model.example_input_array).shape
         torch.Size([2, 10])

@@ -5,7 +5,7 @@ and 3,900 validation images) distributed in three sizes: ``"160px"`` and ``"320p
 resized) and ``"full"``. It is small enough to train torchvision's ImageNet architectures
 (``ImageClassifier(model="torchvision.resnet18", input_size=(3, 160, 160))``) on one GPU in minutes.
 
-Example:
+Examples:
     >>> dm = ImagenetteDataModule(root="data", size="320px")
     >>> dm.num_classes, dm.image_size
     (10, 224)
@@ -64,7 +64,7 @@ class ImagenetteDataModule(LightningDataModule):
             under ``root``.
         ModuleNotFoundError: From :meth:`prepare_data` or :meth:`setup` if torchvision is not installed.
 
-    Example:
+    Examples:
         >>> dm = ImagenetteDataModule(root="data", size="160px", batch_size=32)
         >>> dm.image_size, [type(t).__name__ for t in dm.eval_transform.transforms]
         (160, ['Resize', 'CenterCrop', 'ToTensor', 'Normalize'])

@@ -9,7 +9,7 @@ loads the whole of MNIST once into memory as normalized float tensors, which kee
 The data comes through torchvision (``pip install lightning-prune[examples]``): with ``download=False``
 it is read from ``<root>/MNIST/raw`` (the four uncompressed idx files).
 
-Example:
+Examples:
     >>> model = MNISTClassifier("lenet5caffe")
     >>> model(model.example_input_array).shape
     torch.Size([2, 10])
@@ -76,7 +76,7 @@ class MNISTDataModule(LightningDataModule):
             ``download=False`` and the raw files are missing.
         ModuleNotFoundError: From :meth:`prepare_data` or :meth:`setup` if torchvision is not installed.
 
-    Example:
+    Examples:
         >>> dm = MNISTDataModule(root="data", batch_size=100)
         >>> dm.batch_size, dm.val_fraction
         (100, 0.1)
@@ -196,7 +196,7 @@ class LeNet300100(nn.Sequential):
     ``3`` Linear(300, 100), ``4`` ReLU, ``5`` Linear(100, 10) (the classifier). Weights are initialised
     with Kaiming normal (fan-in), biases with zeros.
 
-    Example:
+    Examples:
         >>> net = LeNet300100()
         >>> net(torch.zeros(3, 1, 28, 28)).shape
         torch.Size([3, 10])
@@ -222,7 +222,7 @@ class LeNet5Caffe(nn.Sequential):
     ``6`` ReLU, ``7`` Linear(500, 10) (the classifier). As in Caffe, there is no nonlinearity after the
     convolutions. Weights are initialised with Kaiming normal (fan-in), biases with zeros.
 
-    Example:
+    Examples:
         >>> net = LeNet5Caffe()
         >>> net(torch.zeros(3, 1, 28, 28)).shape
         torch.Size([3, 10])
@@ -278,7 +278,7 @@ class MNISTClassifier(LightningModule):
     Raises:
         PruningError: If an argument is out of range or an unknown name (with the closest match).
 
-    Example:
+    Examples:
         >>> model = MNISTClassifier("lenet300100")
         >>> model(model.example_input_array).shape
         torch.Size([2, 10])

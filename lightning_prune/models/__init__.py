@@ -3,7 +3,7 @@
 A timm-style registry: :func:`register_model` adds a builder, :func:`list_models` lists names by pattern,
 :func:`create_model` builds one, freshly initialized. See :mod:`lightning_prune.models.cifar` for the zoo.
 
-Example:
+Examples:
     >>> from lightning_prune.models import create_model, list_models
     >>> list_models("cifar_*")  # doctest: +NORMALIZE_WHITESPACE
     ['cifar_densenet40', 'cifar_mobilenet_v2', 'cifar_resnet164', 'cifar_resnet18', 'cifar_resnet56',

@@ -23,7 +23,7 @@ Layers are plain attributes and ``nn.Sequential`` indices, so pruning patterns s
 ``"features.*"`` for the VGGs, ``"layer2.*.conv1"`` for the ResNets). The layers that produce the logits
 (``classifier`` or ``fc``) are never pruned by the engine.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_prune.models import create_model
     >>> net = create_model("cifar_resnet56", num_classes=10)
@@ -83,7 +83,7 @@ class CifarVGG(nn.Module):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> net = CifarVGG(19)
         >>> sum(p.numel() for p in net.parameters())
         20035018
@@ -170,7 +170,7 @@ class CifarResNet(nn.Module):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> net = CifarResNet(widths=(16, 32, 64), blocks=(9, 9, 9))
         >>> sum(p.numel() for p in net.parameters())
         855770
@@ -263,7 +263,7 @@ class CifarPreActResNet(nn.Module):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> net = CifarPreActResNet(blocks=(18, 18, 18))
         >>> sum(p.numel() for p in net.parameters())
         1703258
@@ -365,7 +365,7 @@ class CifarMobileNetV2(nn.Module):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> net = CifarMobileNetV2()
         >>> sum(p.numel() for p in net.parameters())
         2236682
@@ -451,7 +451,7 @@ class CifarDenseNet(nn.Module):
     Raises:
         PruningError: If an argument is out of range.
 
-    Example:
+    Examples:
         >>> net = CifarDenseNet(depth=40, growth=12)
         >>> sum(p.numel() for p in net.parameters()), net.fc.in_features
         (1059298, 456)

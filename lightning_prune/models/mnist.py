@@ -4,7 +4,7 @@ SNIP (Lee, Ajanthan, Torr, ICLR 2019, https://arxiv.org/abs/1810.02340) reports 
 LeNet-5-Caffe on MNIST (1×28×28 inputs). Both are initialized as the paper found best: variance scaling,
 i.e. Kaiming normal with fan-in (ReLU gain), and zero biases.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_prune.models import create_model
     >>> net = create_model("mnist_lenet5caffe")
@@ -34,7 +34,7 @@ class LeNet300100(nn.Sequential):
     Raises:
         PruningError: If ``num_classes`` is not an int >= 1.
 
-    Example:
+    Examples:
         >>> sum(p.numel() for p in LeNet300100().parameters())
         266610
     """
@@ -65,7 +65,7 @@ class LeNet5Caffe(nn.Sequential):
     Raises:
         PruningError: If ``num_classes`` is not an int >= 1.
 
-    Example:
+    Examples:
         >>> sum(p.numel() for p in LeNet5Caffe().parameters())
         431080
     """

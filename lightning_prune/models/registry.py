@@ -5,7 +5,7 @@ when :mod:`lightning_prune.models` is imported. Every classification model of to
 through the prefix ``torchvision.`` (``create_model("torchvision.resnet18", num_classes=10)``); torchvision
 is imported only when such a name is used.
 
-Example:
+Examples:
     >>> from lightning_prune.models import create_model, list_models
     >>> list_models("cifar_vgg*")
     ['cifar_vgg11_bn', 'cifar_vgg16_bn', 'cifar_vgg19_bn']
@@ -48,7 +48,7 @@ def register_model(name: str) -> Callable[[_Builder], _Builder]:
     Raises:
         PruningError: If ``name`` is malformed or already registered.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> @register_model("doc_linear")
         ... def doc_linear(num_classes: int = 10) -> nn.Module:
@@ -94,7 +94,7 @@ def list_models(pattern: str | None = None) -> list[str]:
     Raises:
         PruningError: If ``pattern`` is not a string.
 
-    Example:
+    Examples:
         >>> list_models("cifar_resnet*")
         ['cifar_resnet164', 'cifar_resnet18', 'cifar_resnet56']
         >>> list_models("torchvision.resnet1*")
@@ -142,7 +142,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
             int, or the builder does not take one of ``kwargs``.
         ModuleNotFoundError: For a ``torchvision.`` name if torchvision is not installed.
 
-    Example:
+    Examples:
         >>> net = create_model("cifar_resnet56", num_classes=100)
         >>> net.fc.out_features
         100
