@@ -323,6 +323,37 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
     return "\n".join(lines)
 
 
+def plot(records: list[dict], args: argparse.Namespace, path: Path) -> None:
+    """Accuracy before fine-tuning against params kept, one panel per network, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.archs), figsize=(5.5 * len(args.archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], args.archs, strict=True):
+        ref = next(r["acc"] for r in records if r["arch"] == arch and r.get("penalty") == args.penalty)
+        for method, marker in (("ours", "o"), ("netslim", "s"), ("torch-pruning", "^")):
+            rows = sorted(
+                (r for r in records if r["arch"] == arch and r["method"] == method and "acc" in r),
+                key=lambda r: r["params"],
+            )
+            ax.plot(
+                [r["params"] / r["params0"] for r in rows],
+                [r["acc"] for r in rows],
+                marker=marker,
+                label=method,
+            )
+        ax.axhline(ref - args.tolerance, color="grey", linestyle=":", label=f"trained − {args.tolerance:g}")
+        ax.set(
+            xscale="log", xlabel="params kept (fraction)", ylabel="accuracy before fine-tuning", title=arch
+        )
+        ax.legend(loc="lower right")
+    fig.suptitle("Network Slimming on digits: same sparsity-trained weights, three pruners")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -334,13 +365,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed")
     parser.add_argument("--jsonl", type=Path, help="write raw records here")
     parser.add_argument("--out", type=Path, help="markdown page (default: stdout)")
+    parser.add_argument("--plot", type=Path, help="write the accuracy-vs-params plot here (PNG, matplotlib)")
+    parser.add_argument("--from-jsonl", type=Path, help="render (and plot) a previous run's records")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    records = run(args)
-    wall = time.perf_counter() - start
+    if args.from_jsonl:
+        records = [json.loads(line) for line in args.from_jsonl.read_text().splitlines() if line.strip()]
+        wall = float(records[-1].get("wall", 0.0)) if records else 0.0
+    else:
+        records = run(args)
+        wall = time.perf_counter() - start
+        records.append({"method": "meta", "arch": None, "wall": wall})
     if args.jsonl:
         args.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if args.plot:
+        plot(records, args, args.plot)
     page = render(records, args, wall)
     if args.out:
         args.out.write_text(page + "\n")
