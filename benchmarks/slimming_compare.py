@@ -324,34 +324,35 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
 
 
 def plot(records: list[dict], args: argparse.Namespace, path: Path) -> None:
-    """Accuracy before fine-tuning against params kept, one panel per network, one line per method."""
+    """Accuracy before fine-tuning against params kept (top row) and MACs kept (bottom row)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.archs), figsize=(5.5 * len(args.archs), 4), squeeze=False)
-    for ax, arch in zip(axes[0], args.archs, strict=True):
+    n = len(args.archs)
+    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 7.5), squeeze=False)
+    for col, arch in enumerate(args.archs):
         ref = next(r["acc"] for r in records if r["arch"] == arch and r.get("penalty") == args.penalty)
-        for method, marker in (("ours", "o"), ("netslim", "s"), ("torch-pruning", "^")):
-            rows = sorted(
-                (r for r in records if r["arch"] == arch and r["method"] == method and "acc" in r),
-                key=lambda r: r["params"],
+        for row, (key, label) in enumerate((("params", "params kept"), ("macs", "MACs kept"))):
+            ax = axes[row][col]
+            for method, marker in (("ours", "o"), ("netslim", "s"), ("torch-pruning", "^")):
+                rows = sorted(
+                    (r for r in records if r["arch"] == arch and r["method"] == method and "acc" in r),
+                    key=lambda r: r[key],
+                )
+                xs = [r[key] / r[f"{key}0"] for r in rows]
+                ax.plot(xs, [r["acc"] for r in rows], marker=marker, label=method)
+            ax.axhline(
+                ref - args.tolerance, color="grey", linestyle=":", label=f"trained − {args.tolerance:g}"
             )
-            ax.plot(
-                [r["params"] / r["params0"] for r in rows],
-                [r["acc"] for r in rows],
-                marker=marker,
-                label=method,
+            ax.set(
+                xscale="log", xlabel=f"{label} (fraction)", ylabel="accuracy before fine-tuning", title=arch
             )
-        ax.axhline(ref - args.tolerance, color="grey", linestyle=":", label=f"trained − {args.tolerance:g}")
-        ax.set(
-            xscale="log", xlabel="params kept (fraction)", ylabel="accuracy before fine-tuning", title=arch
-        )
-        ax.legend(loc="lower right")
+            ax.legend(loc="lower right")
     fig.suptitle("Network Slimming on digits: same sparsity-trained weights, three pruners")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed")
     parser.add_argument("--jsonl", type=Path, help="write raw records here")
     parser.add_argument("--out", type=Path, help="markdown page (default: stdout)")
-    parser.add_argument("--plot", type=Path, help="write the accuracy-vs-params plot here (PNG, matplotlib)")
+    parser.add_argument(
+        "--plot", type=Path, help="write the accuracy-vs-params/MACs plot here (PNG, matplotlib)"
+    )
     parser.add_argument("--from-jsonl", type=Path, help="render (and plot) a previous run's records")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

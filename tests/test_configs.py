@@ -98,10 +98,12 @@ def test_the_seed_commands_all_have_a_config():
 
 
 @pytest.mark.parametrize("config", SEED_CONFIGS)
-def test_seed_configs_run_on_fake_cifar(config, fake_root, no_md5, captured, tmp_path):
+def test_seed_configs_run_on_fake_data(config, fake_root, no_md5, captured, tmp_path):
     args = fast(fake_root)
     if "torchvision." in (EXAMPLES / config).read_text():
         args = [a for a in args if "model_kwargs" not in a]  # torchvision models have no width knob
+    if "ImagenetteDataModule" in (EXAMPLES / config).read_text():  # 64 px instead of 160 px: 6x faster
+        args += ["--data.init_args.image_size=64", "--model.init_args.input_size=[3, 64, 64]"]
     main(["fit", "--config", str(EXAMPLES / config), *args])
     (cli,) = captured
     pruners = [cb for cb in cli.trainer.callbacks if isinstance(cb, PruningCallback)]
@@ -110,4 +112,4 @@ def test_seed_configs_run_on_fake_cifar(config, fake_root, no_md5, captured, tmp
             assert pruner.step == len(pruner.schedule)
     saved = tmp_path / "outputs" / Path(config).parent / Path(config).stem / "shrunk.pt"
     model = load_pruned_checkpoint(ImageClassifier, saved)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert model(torch.zeros(2, *model.hparams.input_size)).shape == (2, 10)
