@@ -454,8 +454,8 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
     lines.append("")
     lines.append(
         "The paper trained for 250k iterations (about 463 epochs of its 54k training images); the runs here "
-        "are far shorter (below), so errors are higher for every method and the comparison that matters is "
-        "between rows of the same column."
+        "are far shorter (below). The paper's rows are a reference for a much longer budget; the comparison "
+        "made here under one budget is between the rows of a column."
     )
     lines.append("")
 
@@ -469,6 +469,12 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
             f"{getattr(args, f'lr_{model}')} with {describe_schedule(args.schedule)}; seeds "
             f"{', '.join(map(str, seeds))} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})."
         )
+    lines.append(
+        "- The budget was chosen so that the whole script takes about an hour on one thread of this machine: "
+        "more epochs and seeds for the small LeNet-300-100, one seed and fewer epochs for LeNet-5-Caffe, "
+        "whose epoch costs about ten times more. **magnitude** and **ModelPruning** need at least 7 epochs "
+        "(one pruning step per epoch)."
+    )
     if args.limit_train_batches:
         lines.append(f"- **Smoke run**: only {args.limit_train_batches} batches per epoch.")
     lines += [
@@ -476,9 +482,9 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
         "the model is built (so every method of a seed starts from the same weights and sees the same batch "
         "order), 6,000 training images held out (split seed 0), no validation during training; test (and "
         "validation, in the JSONL) once at the end.",
-        "- LeNet-5-Caffe diverges (NaN loss within 200 steps) at the paper's learning rate 0.1 with this "
-        "initialisation, and at 0.05 and 0.02, so it is trained at 0.01 (the rate of Caffe's own LeNet "
-        "solver). LeNet-300-100 uses the paper's 0.1.",
+        "- LeNet-5-Caffe diverges (NaN loss within 200 steps, dense, seed 0, constant rate) at the paper's "
+        "learning rate 0.1 with this initialisation, and at 0.05 and 0.02, so it is trained at 0.01 (the "
+        "rate of Caffe's own LeNet solver). LeNet-300-100 uses the paper's 0.1.",
         "",
         "## Methods",
         "",
@@ -505,11 +511,12 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
         "implemented by Lightning/PyTorch, with two differences measured on a short run with the same batch "
         "order: PyTorch's `global_unstructured` ranks the weights of the last forward pass, one optimizer "
         "step old (0.3% of the mask entries differ at the second pruning step), and **magnitude**'s callback "
-        "draws scoring batches at every pruning event (unused by this data-free criterion), which advances "
-        "the global random state, so the two rows see different batch orders after epoch 1.",
+        "draws training batches for scoring (unused by this data-free criterion) from a fresh shuffled "
+        "loader, which advances the global random state, so the two rows do not see the same batch order.",
         "",
         "After every fit the zeros of the conv/linear weights are counted; a ⚠ marks a cell where the "
-        f"measured sparsity missed the target by more than {TOLERANCE:.1%} in some run.",
+        f"measured sparsity missed the target by more than {100 * TOLERANCE:.1f} percentage point in some "
+        "run.",
         "",
     ]
 
@@ -556,8 +563,9 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
         lines.append(
             f"- {env.get('cpu')}, {env.get('cpu_count')} CPU cores, no GPU; torch {env.get('torch')} with "
             f"{env.get('torch_threads')} intra-op thread (OMP_NUM_THREADS={env.get('OMP_NUM_THREADS')}), "
-            f"Lightning {env.get('lightning')}, Python {env.get('python')}. The other core was busy with "
-            "another job, so times are indicative."
+            f"Lightning {env.get('lightning')}, Python {env.get('python')}. The machine was shared with "
+            "other jobs whose load varied (at times more than the one other core), so times are indicative: "
+            "that load explains most of the spread of the epoch times below."
         )
     lines.append(f"- Runs finished: {len(ok)} of {planned} planned ({len(failed)} failed).")
     lines.append(f"- Sum of the runs' wall times (fit + test + validation): {duration(total_fit)}.")

@@ -253,12 +253,15 @@ class PruningCallback(Callback):
 
     # -- sensitivity passes ------------------------------------------------------------------------------
     def scoring_batches(self, trainer: pl.Trainer, batches: Iterator[Any]) -> list[Any]:
-        """The next ``num_batches`` batches of ``batches``, on the training device and in its precision."""
+        """The next ``num_batches`` batches of ``batches``, on the training device and in its precision.
+
+        Drawn under a forked CPU random state: starting a shuffling loader consumes random numbers, which
+        would otherwise change the order in which the trainer sees the data.
+        """
         precision = trainer.precision_plugin
-        return [
-            precision.convert_input(trainer.strategy.batch_to_device(next(batches)))
-            for _ in range(self.num_batches)
-        ]
+        with torch.random.fork_rng(devices=[]):  # a shuffling loader must not shift the training's order
+            taken = [next(batches) for _ in range(self.num_batches)]
+        return [precision.convert_input(trainer.strategy.batch_to_device(b)) for b in taken]
 
     def loss_stream(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]
@@ -312,7 +315,8 @@ class PruningCallback(Callback):
         owner = type(self).__name__
         example = pl_module.example_input_array
         if example is None:
-            batch = next(self.train_batches(trainer))
+            with torch.random.fork_rng(devices=[]):
+                batch = next(self.train_batches(trainer))
             if isinstance(batch, torch.Tensor):
                 example = batch
             elif isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):

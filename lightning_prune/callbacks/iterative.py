@@ -262,11 +262,10 @@ class IterativeSNIPCallback(PruningCallback):
                     f"(after about {needed} optimizer steps), but max_steps={trainer.max_steps}: raise "
                     "max_steps, or lower prune_delay, prune_freq or steps."
                 )
-        losses = self.loss_stream(
-            trainer, pl_module, self.scoring_batches(trainer, self.train_batches(trainer))[:1]
-        )
-        for _ in losses():  # `training_step` returns a usable loss
-            pass
+        if self.criterion.needs_data:
+            batch = self.scoring_batches(trainer, self.train_batches(trainer))[:1]
+            for _ in self.loss_stream(trainer, pl_module, batch)():  # `training_step` returns a usable loss
+                pass
         if self.structured:
             selected = set(self._layers)
             frozen = [
@@ -309,7 +308,11 @@ class IterativeSNIPCallback(PruningCallback):
         inputs = ScoringInputs(
             module=pl_module,
             weights={},
-            losses=self.loss_stream(trainer, pl_module, self.scoring_batches(trainer, batches)),
+            losses=self.loss_stream(
+                trainer,
+                pl_module,
+                self.scoring_batches(trainer, batches) if self.criterion.needs_data else [],
+            ),
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.step),
         )
         if self.structured:

@@ -13,6 +13,7 @@ class Random(Criterion):
     """Uniform random scores from the seeded generator (the seeds' Structured/UnstructuredRandom)."""
 
     name = "random"
+    needs_data = False
     weights = nodes = True
 
     def weight_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
@@ -28,6 +29,7 @@ class Magnitude(Criterion):
     """Weight magnitude ``|w|`` in one global ranking: iterative magnitude pruning (IMP, arXiv:1803.03635)."""
 
     name = "magnitude"
+    needs_data = False
     weights = True
 
     def weight_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
@@ -44,6 +46,7 @@ class L1Norm(Criterion):
     """
 
     name = "l1_norm"
+    needs_data = False
     nodes = True
 
     def node_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:

@@ -57,6 +57,7 @@ class Criterion:
     name: ClassVar[str] = ""
     weights: ClassVar[bool] = False  # scores single weights (unstructured pruning)
     nodes: ClassVar[bool] = False  # scores channels of groups (structured pruning)
+    needs_data: ClassVar[bool] = True  # False: ScoringInputs.losses is never called (no batch is drawn)
 
     def weight_scores(self, inputs: ScoringInputs) -> dict[str, torch.Tensor]:
         """Selected weight name → scores shaped like the weight (higher = keep)."""

@@ -34,6 +34,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.errors import PruningError
 from lightning_prune.examples.digits import _check_float, _check_int
+from lightning_prune.models.mnist import LeNet5Caffe, LeNet300100
 
 __all__ = ["ARCHITECTURES", "LeNet5Caffe", "LeNet300100", "MNISTClassifier", "MNISTDataModule"]
 
@@ -178,68 +179,6 @@ class MNISTDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-
-def _he_init(module: nn.Module) -> None:
-    """Variance scaling as in the SNIP paper: Kaiming normal (fan-in, ReLU gain) weights, zero biases."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-class LeNet300100(nn.Sequential):
-    """LeNet-300-100: a 784-300-100-10 multilayer perceptron with ReLU (266,610 parameters).
-
-    Layers, as named in ``named_modules()``: ``0`` Flatten, ``1`` Linear(784, 300), ``2`` ReLU,
-    ``3`` Linear(300, 100), ``4`` ReLU, ``5`` Linear(100, 10) (the classifier). Weights are initialised
-    with Kaiming normal (fan-in), biases with zeros.
-
-    Examples:
-        >>> net = LeNet300100()
-        >>> net(torch.zeros(3, 1, 28, 28)).shape
-        torch.Size([3, 10])
-    """
-
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(IMAGE_SIZE * IMAGE_SIZE, 300),
-            nn.ReLU(),
-            nn.Linear(300, 100),
-            nn.ReLU(),
-            nn.Linear(100, NUM_CLASSES),
-        )
-        _he_init(self)
-
-
-class LeNet5Caffe(nn.Sequential):
-    """LeNet-5-Caffe, the LeNet-5 of Caffe's MNIST example used by SNIP (431,080 parameters).
-
-    Layers, as named in ``named_modules()``: ``0`` Conv2d(1, 20, 5), ``1`` MaxPool2d(2),
-    ``2`` Conv2d(20, 50, 5), ``3`` MaxPool2d(2), ``4`` Flatten (50 × 4 × 4 = 800), ``5`` Linear(800, 500),
-    ``6`` ReLU, ``7`` Linear(500, 10) (the classifier). As in Caffe, there is no nonlinearity after the
-    convolutions. Weights are initialised with Kaiming normal (fan-in), biases with zeros.
-
-    Examples:
-        >>> net = LeNet5Caffe()
-        >>> net(torch.zeros(3, 1, 28, 28)).shape
-        torch.Size([3, 10])
-    """
-
-    def __init__(self) -> None:
-        super().__init__(
-            nn.Conv2d(1, 20, 5),
-            nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(50 * 4 * 4, 500),
-            nn.ReLU(),
-            nn.Linear(500, NUM_CLASSES),
-        )
-        _he_init(self)
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"lenet300100": LeNet300100, "lenet5caffe": LeNet5Caffe}

@@ -28,7 +28,7 @@ class RecordScores:
     """Wraps a criterion: each rank writes the scores it computed (before the sum over ranks)."""
 
     def __init__(self, inner, folder: Path) -> None:
-        self.inner, self.folder = inner, folder
+        self.inner, self.folder, self.needs_data = inner, folder, inner.needs_data
 
     def weight_scores(self, inputs):
         scores = self.inner.weight_scores(inputs)

@@ -373,7 +373,7 @@ def test_rewinding_survives_another_callbacks_shrink(tmp_path):
 # -- every criterion through the callback: the highest scores are kept ---------------------------------
 class Recorder:
     def __init__(self, inner):
-        self.inner, self.scores = inner, None
+        self.inner, self.scores, self.needs_data = inner, None, inner.needs_data
 
     def weight_scores(self, inputs):
         self.scores = self.inner.weight_scores(inputs)
@@ -442,3 +442,22 @@ def test_snapit_preset_shrinks_torchvision_models(tmp_path, name):
     assert sum(p.numel() for p in module.parameters()) < 0.1 * params
     module.eval()
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("criterion", ["snip", "magnitude"])
+def test_scoring_does_not_change_the_training_batch_order(tmp_path, criterion):
+    """Starting a shuffling loader for scoring consumes random numbers; that must not reorder training."""
+
+    def first_batches(callbacks):
+        seen = []
+
+        class Watch(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append(float(batch[0][0, 0, 0, 0]))
+
+        pl.seed_everything(0)
+        trainer(tmp_path, [*callbacks, Watch()], max_epochs=2).fit(TinyModule())
+        return seen
+
+    pruner = IterativeSNIPCallback(limit=0.5, steps=1, criterion=criterion, num_batches=3)
+    assert first_batches([pruner]) == first_batches([])
