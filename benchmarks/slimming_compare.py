@@ -13,7 +13,8 @@ largest number of conv/linear output channels (nodes) removed while validation a
 
 Methods:
 - `ours`: `lightning_prune` — every channel group with a BatchNorm is scored by max |γ| over the group's
-  norms (residual-coupled groups included), one global ranking, node-weighted count, never emptying a layer.
+  norms (residual-coupled groups included), one global ranking, node-weighted count, never emptying a layer
+  (`scale_scores` and `lowest_channels`, the functions `SlimmingL1Callback.prune` calls).
 - `netslim`: the same scores and ranking, restricted to groups with a single producer and a single
   BatchNorm (what the netslim seed can prune: no residual/concat coupling).
 - `torch-pruning`: `tp.pruner.BNScalePruner(importance=tp.importance.BNScaleImportance(),

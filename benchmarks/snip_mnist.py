@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jsonl", default="outputs/snip_mnist.jsonl", help="raw results, one run a line")
     parser.add_argument("--out", help="markdown page to write (default: print it)")
     parser.add_argument("--no-run", action="store_true", help="only render the page from --jsonl")
+    parser.add_argument("--plot", help="also write test error against sparsity as a PNG (matplotlib)")
     parser.add_argument("--rerun", action="store_true", help="run again even if --jsonl has the result")
     args = parser.parse_args(argv)
     if args.sparsities:
@@ -392,7 +393,45 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def plot(records: list[dict[str, Any]], path: str) -> None:
+    """Test error (mean over seeds) against sparsity, one panel per model, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in records if r.get("kind") == "run" and r.get("status") == "ok"]
+    models = [m for m in MODELS if any(r["config"]["model"] == m for r in runs)]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in runs if r["config"]["model"] == model]
+        dense = [r["test_error"] for r in mine if r["config"]["method"] == "dense"]
+        for method in (m for m in METHODS if m != "dense"):
+            points = sorted({r["config"]["sparsity"] for r in mine if r["config"]["method"] == method})
+            errors = [
+                statistics.mean(
+                    r["test_error"]
+                    for r in mine
+                    if r["config"]["method"] == method and r["config"]["sparsity"] == sp
+                )
+                for sp in points
+            ]
+            if points:
+                ax.plot([100 * p for p in points], errors, marker="o", label=method)
+        if dense:
+            ax.axhline(statistics.mean(dense), color="grey", linestyle=":", label="dense")
+        paper = sorted((sp, err) for (m, method, sp), err in PAPER.items() if m == model and method == "snip")
+        ax.plot([100 * sp for sp, _ in paper], [e for _, e in paper], "kx", markersize=9, label="paper: SNIP")
+        ax.set(yscale="log", xlabel="weights removed (%)", ylabel="test error (%)", title=model)
+        ax.legend()
+    fig.suptitle("MNIST: test error at the same sparsity and training budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_page(args: argparse.Namespace, jsonl: Path, command: str) -> None:
+    if getattr(args, "plot", None):
+        plot(read_jsonl(jsonl), args.plot)
     page = render(args, read_jsonl(jsonl), command)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

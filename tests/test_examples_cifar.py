@@ -360,8 +360,19 @@ def test_init_from_then_fine_tune(tmp_path, fake_root, no_md5):
 def test_init_from_rejects_a_checkpoint_of_another_model(tmp_path):
     path = tmp_path / "shrunk.pt"
     _shrunk_checkpoint(path)
-    with pytest.raises(PruningError, match=r"does not fit model='cifar_vgg16_bn'"):
+    with pytest.raises(
+        PruningError, match=r"written with model='cifar_vgg11_bn', but this module has model="
+    ):
         ImageClassifier("cifar_vgg16_bn", model_kwargs={"width": 0.125}, init_from=path)
+    with pytest.raises(
+        PruningError, match=r"written with num_classes=10, but this module has num_classes=100"
+    ):
+        ImageClassifier(**{**TINY, "num_classes": 100}, init_from=path)  # 10 logits would load into 100
+    hyperless = torch.load(path, weights_only=True)
+    del hyperless["hyper_parameters"]  # a plain state dict: the shapes alone must fit
+    torch.save(hyperless, tmp_path / "bare.pt")
+    with pytest.raises(PruningError, match=r"does not fit model='cifar_vgg16_bn'"):
+        ImageClassifier("cifar_vgg16_bn", model_kwargs={"width": 0.125}, init_from=tmp_path / "bare.pt")
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(PruningError, match=r"holds no 'state_dict' entry"):
         ImageClassifier(**TINY, init_from=tmp_path / "other.pt")

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -109,7 +109,7 @@ class SlimmingL1Callback(PruningCallback):
         self,
         penalty: float = 1e-4,
         limit: float | None = None,
-        prune_at: str | int = "fit_end",
+        prune_at: int | str = "fit_end",
         aggregate: str = "max",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -126,6 +126,8 @@ class SlimmingL1Callback(PruningCallback):
         self.penalty = float(penalty)
         self.limit = None if limit is None else check_limit(owner, limit)
         self.structured = self.limit is not None
+        if isinstance(prune_at, str) and prune_at.isdigit():  # "80" from a command line
+            prune_at = int(prune_at)
         if prune_at != "fit_end" and (
             isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 1
         ):
@@ -140,6 +142,10 @@ class SlimmingL1Callback(PruningCallback):
                 f"{list(AGGREGATES)}."
             )
         self.aggregate = aggregate
+        if self.limit is None and prune_at != "fit_end":
+            rank_zero_warn(
+                f"{owner}(prune_at={prune_at!r}) has no effect without `limit`: nothing is pruned."
+            )
         self.pruned = False
         self.report: dict[str, float] = {}
         self._norms: list[str] = []
@@ -176,13 +182,19 @@ class SlimmingL1Callback(PruningCallback):
                 f"`{owner}(prune_at={self.prune_at})` is invalid: training stops after "
                 f"max_epochs={max_epochs}; `prune_at` must be an epoch in [1, {max_epochs}] or 'fit_end'."
             )
-        self._select_norms(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Select the norm layers again (``configure_model`` may have built them after ``setup``)."""
+        """Select the norm layers (``configure_model`` has built them by now); check pruning can happen."""
         self._detach_resize()
         self._select_norms(pl_module)
         self._layers = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES)]
+        if self.limit is not None and not self.pruned:
+            graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module))
+            if not self._scores(graph, pl_module):
+                raise PruningError(
+                    f"{type(self).__name__}: no prunable channel group contains a selected norm layer "
+                    f"({self._norms}); the layers producing the model output are never pruned."
+                )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -194,7 +206,7 @@ class SlimmingL1Callback(PruningCallback):
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         with torch.no_grad():
             for gamma in self._scales:
-                if id(gamma) not in owned:
+                if id(gamma) not in owned or not gamma.requires_grad:  # frozen scales stay as they are
                     continue
                 if gamma.grad is None:
                     gamma.grad = torch.zeros_like(gamma)
@@ -208,8 +220,22 @@ class SlimmingL1Callback(PruningCallback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune at the end of training (``prune_at="fit_end"``), before any ``on_fit_end`` hook."""
-        if self.limit is not None and not self.pruned and self.prune_at == "fit_end":
+        if self.limit is None or self.pruned:
+            return
+        if self.prune_at == "fit_end":
             self.prune(trainer, pl_module)
+            saved = any(getattr(cb, "save_path", None) for cb in trainer.callbacks)
+            say = rank_zero_info if saved else rank_zero_warn
+            say(
+                f"{type(self).__name__}: pruned at the end of training, after Lightning's last checkpoint: "
+                "its checkpoints hold the network before pruning. ShrinkOnFitEnd(save_path=...) saves the "
+                "pruned one."
+            )
+        else:
+            rank_zero_warn(
+                f"{type(self).__name__}(prune_at={self.prune_at}): training ended after "
+                f"{trainer.current_epoch} epochs, before epoch {self.prune_at}; nothing was pruned."
+            )
 
     # -- selection -----------------------------------------------------------------------------------------
     def _select_norms(self, pl_module: pl.LightningModule) -> None:
@@ -251,6 +277,15 @@ class SlimmingL1Callback(PruningCallback):
         """One score per channel of ``group`` from its selected norms (see :func:`scale_scores`)."""
         return scale_scores(group, module, self._norms, self.aggregate)
 
+    def _scores(self, graph: ChannelGraph, module: nn.Module) -> dict[str, torch.Tensor]:
+        scores = {}
+        for g in graph.groups:
+            if g.prunable and g.size > 1:
+                s = self.channel_scores(g, module)
+                if s is not None:
+                    scores[g.name] = s
+        return scores
+
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove the lowest-|γ| channels now (physically, optimizer state carried over)."""
         owner = type(self).__name__
@@ -259,18 +294,14 @@ class SlimmingL1Callback(PruningCallback):
         self._node_layers = [n for n in self._layers if n not in graph.output_layers]
         before = model_stats(pl_module, example)
         self.sparsity_metrics(pl_module)  # counts before pruning
-        scores = {}
-        for g in graph.groups:
-            if g.prunable and g.size > 1:
-                s = self.channel_scores(g, pl_module)
-                if s is not None:
-                    scores[g.name] = s
+        scores = self._scores(graph, pl_module)
         if not scores:
             raise PruningError(
                 f"{owner}: no prunable channel group contains a selected norm layer ({self._norms}); the "
                 "layers producing the model output are never pruned."
             )
         plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, self.limit))
+        groups = {g.name: g for g in graph.groups}
         threshold = max((float(scores[g][c]) for g, chs in plan.items() for c in chs), default=0.0)
         if plan:
             self.shrink_in_fit(trainer, pl_module, graph, plan)
@@ -280,7 +311,7 @@ class SlimmingL1Callback(PruningCallback):
         self.report = {
             **self.sparsity_metrics(pl_module),
             "slimming/threshold": threshold,
-            "slimming/channels_removed": float(sum(len(c) for c in plan.values())),
+            "slimming/channels_removed": float(sum(len(c) * groups[g].ties for g, c in plan.items())),
             "slimming/params_before": float(before.params),
             "slimming/params_after": float(after.params),
             "slimming/macs_before": float(before.macs),
@@ -290,7 +321,7 @@ class SlimmingL1Callback(PruningCallback):
         if trainer.is_global_zero:
             Console().print(self.table())
         rank_zero_info(
-            f"{owner}: removed {int(self.report['slimming/channels_removed'])} channels with |γ| <= "
+            f"{owner}: removed {int(self.report['slimming/channels_removed'])} channels with score <= "
             f"{threshold:.3g} (node sparsity {self.report['prune/node_sparsity']:.2%})"
         )
 
@@ -304,7 +335,8 @@ class SlimmingL1Callback(PruningCallback):
             b, a = r[f"slimming/{key}_before"], r[f"slimming/{key}_after"]
             table.add_row(label, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.3f}" if b else "-")
         table.caption = (
-            f"{int(r['slimming/channels_removed'])} channels removed (|γ| <= {r['slimming/threshold']:.3g}), "
+            f"{int(r['slimming/channels_removed'])} channels removed ({self.aggregate} |γ| <= "
+            f"{r['slimming/threshold']:.3g}), "
             f"node sparsity {r['prune/node_sparsity']:.1%}"
         )
         return table

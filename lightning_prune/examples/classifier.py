@@ -84,6 +84,8 @@ class ImageClassifier(LightningModule):
         init_from: Path of a (shrunk) checkpoint with a ``"state_dict"`` of this module to start from.
         input_size: ``(channels, height, width)`` of the images; sets ``example_input_array`` (two zero
             images), which the pruning callbacks trace the network with.
+        norm_weight_init: If set, every norm layer's scale γ starts at this value instead of the model's
+            default (Network Slimming initializes γ to 0.5). Ignored with ``init_from``.
 
     Raises:
         PruningError: If an argument is invalid (unknown model names come with the closest names), or
@@ -120,6 +122,7 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.0,
         init_from: str | os.PathLike | None = None,
         input_size: Sequence[int] = (3, 32, 32),
+        norm_weight_init: float | None = None,
     ) -> None:
         super().__init__()
         owner = "ImageClassifier"
@@ -168,6 +171,8 @@ class ImageClassifier(LightningModule):
                 f"`{owner}(input_size={input_size!r})` is invalid: `input_size` must be (channels, height, "
                 "width), three ints >= 1, e.g. (3, 32, 32)."
             )
+        if norm_weight_init is not None:
+            _check_float(owner, "norm_weight_init", norm_weight_init, low=0.0)
         self.save_hyperparameters()
         # Checkpoints must load with `weights_only=True`: keep the recorded values to plain types.
         self.hparams.init_from = os.fspath(init_from) if init_from is not None else None
@@ -181,6 +186,12 @@ class ImageClassifier(LightningModule):
             raise PruningError(
                 f"`{owner}(model={model!r}, model_kwargs={model_kwargs!r})` is invalid: {err}"
             ) from err
+        if norm_weight_init is not None:
+            norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+            with torch.no_grad():
+                for m in self.model.modules():
+                    if isinstance(m, norms) and isinstance(getattr(m, "weight", None), torch.nn.Parameter):
+                        m.weight.fill_(norm_weight_init)
         self.example_input_array = torch.zeros(2, *input_size)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -272,6 +283,17 @@ class ImageClassifier(LightningModule):
                 f"`{call}` is invalid: the file holds no 'state_dict' entry; expected a checkpoint "
                 "written by `ShrinkOnFitEnd(save_path=...)` or by Lightning."
             )
+        saved = (
+            checkpoint.get("hyper_parameters", {})
+            if isinstance(checkpoint.get("hyper_parameters"), Mapping)
+            else {}
+        )
+        for key in ("model", "num_classes"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise PruningError(
+                    f"`{call}`: the checkpoint was written with {key}={saved[key]!r}, but this module has "
+                    f"{key}={self.hparams[key]!r}; build it with the same {key}."
+                )
         try:
             load_pruned_state_dict(self, checkpoint["state_dict"])
         except PruningError as err:

@@ -302,3 +302,109 @@ def test_logs_the_gamma_distribution(tmp_path):
     assert histograms[0][1].numel() == 8 + 16  # every BatchNorm scale of the CNN
     fractions = [m["slimming/frac_below_1e-2"] for m in logger.metrics if "slimming/frac_below_1e-2" in m]
     assert len(fractions) == 2 and all(0 <= f <= 1 for f in fractions)
+
+
+# -- what the penalty touches, and when pruning cannot happen ---------------------------------------------
+def test_penalty_touches_only_the_selected_scales(tmp_path):
+    """β and the scales of excluded norms get exactly the update they get without the penalty."""
+
+    def step(penalty):
+        pl.seed_everything(0)
+        module = Ordered(lr=0.1, weight_decay=0.0, scheduler=False, batch_size=8)
+        module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)
+        cb = SlimmingL1Callback(penalty=penalty, exclude=["model.features.4"])
+        trainer(tmp_path, [cb], max_steps=1).fit(module)
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    with_l1, without = step(0.05), step(0.0)
+    changed = {n for n in with_l1 if not torch.equal(with_l1[n], without[n])}
+    assert changed == {"model.features.1.weight"}
+
+
+def test_frozen_scales_stay_frozen(tmp_path):
+    module = TinyModule()
+    module.model.features[1].weight.requires_grad_(False)
+    before = module.model.features[1].weight.detach().clone()
+    trainer(tmp_path, [SlimmingL1Callback(penalty=0.1)], max_steps=2).fit(module)
+    assert torch.equal(module.model.features[1].weight, before)
+
+
+def test_prune_at_never_reached_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"prune_at=5\): training ended after 2 epochs, before epoch 5"):
+        trainer(tmp_path, [SlimmingL1Callback(limit=0.5, prune_at=5)], max_epochs=10, max_steps=8).fit(
+            TinyModule()
+        )
+
+
+def test_prune_at_from_a_command_line_string():
+    assert SlimmingL1Callback(limit=0.5, prune_at="80").prune_at == 80
+
+
+def test_nothing_prunable_fails_before_training(tmp_path):
+    class NormOnOutput(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Sequential(nn.Flatten(), nn.Linear(192, 4), nn.BatchNorm1d(4))
+
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, *args):
+            steps.append(1)
+
+    with pytest.raises(PruningError, match=r"no prunable channel group contains a selected norm layer"):
+        trainer(tmp_path, [SlimmingL1Callback(limit=0.5), Steps()], max_epochs=2).fit(NormOnOutput())
+    assert steps == []
+
+
+class BuiltLate(TinyModule):
+    """Layers built in `configure_model`, after the callbacks' `setup`."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = None
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = TinyModule().model
+
+
+def test_layers_built_in_configure_model(tmp_path):
+    module = BuiltLate()
+    slim = SlimmingL1Callback(penalty=1e-3, limit=0.3)
+    trainer(tmp_path, [slim], max_epochs=1).fit(module)
+    assert slim.pruned and module.model.features[0].out_channels < 8
+
+
+class GroupNormNet(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.GroupNorm(4, 8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 16),
+            nn.LayerNorm(16),
+            nn.ReLU(),
+            nn.Linear(16, 4),
+        )
+
+
+def test_group_norm_and_layer_norm(tmp_path):
+    """GroupNorm ties channels across its groups (removals stay symmetric); LayerNorm over features works."""
+    pl.seed_everything(0)
+    module = GroupNormNet()
+    slim = SlimmingL1Callback(penalty=1e-2, limit=0.5)
+    trainer(tmp_path, [slim], max_epochs=2).fit(module)
+    convs = [m for m in module.model if isinstance(m, nn.Conv2d)]
+    norms = [m for m in module.model if isinstance(m, nn.GroupNorm)]
+    for conv, norm in zip(convs, norms, strict=True):
+        assert conv.out_channels == norm.num_channels and norm.num_channels % norm.num_groups == 0
+    removed = 8 - convs[0].out_channels + 8 - convs[1].out_channels + 16 - module.model[9].normalized_shape[0]
+    assert removed == slim.report["slimming/channels_removed"] > 0
+    assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
