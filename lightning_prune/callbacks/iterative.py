@@ -267,11 +267,7 @@ class IterativeSNIPCallback(PruningCallback):
             for _ in self.loss_stream(trainer, pl_module, batch)():  # `training_step` returns a usable loss
                 pass
         if self.structured:
-            selected = set(self._layers)
-            frozen = [
-                n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected
-            ]
-            graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
+            graph = self._graph(trainer, pl_module)
             if not any(g.prunable and g.size > 1 for g in graph.groups):
                 raise PruningError(
                     f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
@@ -379,13 +375,17 @@ class IterativeSNIPCallback(PruningCallback):
             offset += w.numel()
         self.set_masks(pl_module, masks)
 
+    def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
+        """The channel groups of the module, with every conv/linear layer not selected kept whole."""
+        selected = set(self._layers)
+        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected]
+        return ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
+
     def _prune_nodes(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: ScoringInputs, target: float
     ) -> None:
         owner = type(self).__name__
-        selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected]
-        graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
+        graph = self._graph(trainer, pl_module)
         outputs = graph.output_layers
         self._node_layers = [n for n in self._layers if n not in outputs]
         before = self.sparsity_metrics(pl_module)["prune/node_sparsity"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.checkpoint import load_pruned_state_dict
 from lightning_prune.errors import PruningError
-from lightning_prune.examples.digits import _check_float, _check_int
+from lightning_prune.examples.digits import _check_float, _check_int, schedule_length
 from lightning_prune.models import create_model, is_model
 from lightning_prune.models.registry import unknown_model_message
 
@@ -244,13 +243,7 @@ class ImageClassifier(LightningModule):
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return optimizer
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0:
-            length, interval = max_epochs, "epoch"
-        else:  # `max_epochs=-1` (run by steps or forever): lay the schedule over the expected steps
-            steps = self.trainer.estimated_stepping_batches
-            length, interval = (int(steps) if math.isfinite(steps) else 1), "step"
-        length = max(1, length)
+        length, interval = schedule_length(self.trainer)
         if hp.scheduler == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=length)
         else:

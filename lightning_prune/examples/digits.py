@@ -261,13 +261,8 @@ class DigitsClassifier(LightningModule):
             momentum=self.hparams.momentum,
             weight_decay=self.hparams.weight_decay,
         )
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0:
-            t_max, interval = max_epochs, "epoch"
-        else:  # `max_epochs=-1` (run by steps or forever): decay over the steps the trainer expects
-            steps = self.trainer.estimated_stepping_batches
-            t_max, interval = (int(steps) if math.isfinite(steps) else 1), "step"
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t_max))
+        t_max, interval = schedule_length(self.trainer)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], split: str, accuracy) -> None:
@@ -276,6 +271,19 @@ class DigitsClassifier(LightningModule):
         self.log(f"{split}/loss", F.cross_entropy(logits, y), prog_bar=True)
         accuracy(logits, y)
         self.log(f"{split}/acc", accuracy, prog_bar=True)
+
+
+def schedule_length(trainer: Any) -> tuple[int, str]:
+    """How long a learning-rate schedule lasts, in the unit it steps in; at least 1.
+
+    ``(max_epochs, "epoch")``, or with ``max_epochs=-1`` (run by steps or forever) the optimizer steps the
+    trainer expects, ``(steps, "step")``.
+    """
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0:
+        return max_epochs, "epoch"
+    steps = trainer.estimated_stepping_batches
+    return max(1, int(steps) if math.isfinite(steps) else 1), "step"
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:

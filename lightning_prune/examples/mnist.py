@@ -20,7 +20,6 @@ Examples:
 from __future__ import annotations
 
 import difflib
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_prune.errors import PruningError
-from lightning_prune.examples.digits import _check_float, _check_int
+from lightning_prune.examples.digits import _check_float, _check_int, schedule_length
 from lightning_prune.models.mnist import LeNet5Caffe, LeNet300100
 
 __all__ = ["ARCHITECTURES", "LeNet5Caffe", "LeNet300100", "MNISTClassifier", "MNISTDataModule"]
@@ -280,13 +279,7 @@ class MNISTClassifier(LightningModule):
         )
         if self.hparams.schedule == "constant":
             return optimizer
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs > 0:
-            length, interval = max_epochs, "epoch"
-        else:  # `max_epochs=-1` (run by steps or forever): lay the schedule over the expected steps
-            steps = self.trainer.estimated_stepping_batches
-            length, interval = (int(steps) if math.isfinite(steps) else 1), "step"
-        length = max(1, length)
+        length, interval = schedule_length(self.trainer)
         if self.hparams.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=length)
         else:
