@@ -23,14 +23,15 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 import traceback
 from collections import Counter
-from pathlib import Path
+from functools import partial
 
-ROOT = Path(__file__).resolve().parents[1]
+import _coverage
+from _coverage import ROOT, add_survey_args, first_line, load_jsonl, survey, write_page
+
 FRACTION = 0.3
 MEMORY_GB = 16.0
 
@@ -146,19 +147,7 @@ def _reason_kind(reason: str) -> str:
 
 def run_isolated(name: str, timeout: float, memory_gb: float) -> dict:
     """Run :func:`run_one` in a fresh interpreter."""
-    cmd = [sys.executable, __file__, "--child", name, "--memory-gb", str(memory_gb)]
-    start = time.perf_counter()
-    failed = {"model": name, "status": "error"}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return failed | {"stage": "timeout", "error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        seconds = round(time.perf_counter() - start, 1)
-        error = f"exit code {done.returncode}: {done.stderr[-500:]}"
-        return failed | {"stage": "crash", "error": error, "seconds": seconds}
-    return json.loads(lines[-1])
+    return _coverage.run_isolated(__file__, name, timeout, ["--memory-gb", str(memory_gb)])
 
 
 def classification_models() -> list[str]:
@@ -206,7 +195,7 @@ def render(records: list[dict], command: str) -> str:
         for n in failed:
             r = by_name[n]
             family = next((k for k in EXPLANATIONS if n.startswith(tuple(k.split()))), n)
-            error = _first_line(r.get("error", f"outputs changed by {r.get('max_abs_diff')}"))
+            error = first_line(r.get("error", f"outputs changed by {r.get('max_abs_diff')}"))
             bullets.setdefault((family, f"{r.get('stage', 'compare')}: {error}"), []).append(n)
         for (family, error), models in bullets.items():
             why = EXPLANATIONS.get(family, "")
@@ -231,7 +220,7 @@ def _row(r: dict) -> str:
     rss = f"{r['peak_rss_gb']:.1f} GB" if "peak_rss_gb" in r else "-"
     seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
     if "removed" not in r:
-        error = _first_line(r.get("error", "")).replace("|", "\\|")
+        error = first_line(r.get("error", "")).replace("|", "\\|")
         return f"| {r['model']} | {size} | no | - | - | - | - | {rss} | {seconds} | {error} |"
     ok = "yes" if r["status"] == "exact" else f"**no** (diff {r['max_abs_diff']:.2g})"
     params = r["params"][1] / r["params"][0]
@@ -251,53 +240,25 @@ def _row(r: dict) -> str:
     )
 
 
-def _first_line(text: str) -> str:
-    return (text.splitlines() or [""])[0][:160]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help="model names (default: every one)")
-    parser.add_argument("--jsonl", type=Path, help="results file, one JSON object per model")
-    parser.add_argument("--out", type=Path, help="write the markdown page here (default stdout)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per model")
-    parser.add_argument("--memory-gb", type=float, default=MEMORY_GB, help="address space per model")
-    parser.add_argument("--rerun", action="store_true", help="run models already in --jsonl")
-    parser.add_argument("--no-run", action="store_true", help="only render --jsonl")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    add_survey_args(parser, timeout=1800.0, memory_gb=MEMORY_GB)
     args = parser.parse_args(argv)
 
     if args.child:
         print(json.dumps(run_one(args.child, args.memory_gb)), flush=True)
         return
 
-    records: dict[str, dict] = {}
-    if args.jsonl and args.jsonl.exists():
-        for line in args.jsonl.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[record["model"]] = record
+    records = load_jsonl(args.jsonl)
     if not args.no_run:
-        for name in args.models or classification_models():
-            if name in records and not args.rerun:
-                continue
-            record = run_isolated(name, args.timeout, args.memory_gb)
-            records[name] = record
-            error = record.get("error", "")[:200]
-            print(f"{name}: {record['status']} {record.get('seconds')} s {error}", file=sys.stderr)
-            if args.jsonl:
-                with args.jsonl.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+        names = args.models or classification_models()
+        run = partial(run_isolated, timeout=args.timeout, memory_gb=args.memory_gb)
+        survey(names, records, run, args.jsonl, args.rerun)
     # The command that reproduces the page from scratch (paths of this run left out).
     command = "python benchmarks/zoo_coverage.py --jsonl zoo.jsonl --out docs/supported-architectures.md"
     if args.memory_gb != MEMORY_GB:
         command += f" --memory-gb {args.memory_gb:g}"
-    page = render(list(records.values()), command)
-
-    if args.out:
-        args.out.write_text(page)
-    else:
-        sys.stdout.write(page)
+    write_page(render(list(records.values()), command), args.out)
 
 
 if __name__ == "__main__":

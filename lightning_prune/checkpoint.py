@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_prune._inputs import check_module
 from lightning_prune.errors import PruningError
+from lightning_prune.structure.attention import sync_head_counts
 
 __all__ = ["load_pruned_checkpoint", "load_pruned_state_dict", "resize_to_state_dict"]
 
@@ -227,6 +228,7 @@ def _resize(
     undo: list[tuple[nn.Module, str, Any]] = []
     try:
         _apply(plans, undo)
+        undo += sync_head_counts(model)  # attention modules hold their head counts as attributes
     except BaseException:
         for module, name, old in reversed(undo):
             setattr(module, name, old)

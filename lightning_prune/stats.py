@@ -32,6 +32,7 @@ from lightning_prune._inputs import (
     check_inputs,
     check_module,
     describe,
+    flatten_outputs,
     to_device,
 )
 from lightning_prune.errors import PruningError
@@ -93,9 +94,9 @@ def model_stats(model: nn.Module, example_inputs: ExampleInputs) -> ModelStats:
     The forward runs in eval mode with gradients enabled and PyTorch's fused inference path of
     :class:`torch.nn.MultiheadAttention` and :class:`torch.nn.TransformerEncoderLayer` switched
     off, because FlopCounterMode cannot see inside that fused kernel (``vit_b_16`` would read
-    11.3 G instead of 17.6 G MACs). The outputs are discarded. Afterwards every submodule's
-    train/eval mode and every buffer's values are exactly as before, and the fast-path setting
-    is restored.
+    11.3 G instead of 17.6 G MACs). The outputs are discarded (:func:`stats_and_outputs` keeps
+    them). Afterwards every submodule's train/eval mode and every buffer's values are exactly as
+    before, and the fast-path setting is restored.
 
     Args:
         model: The model. Not modified (lazy modules are materialized by the forward).
@@ -123,6 +124,13 @@ def model_stats(model: nn.Module, example_inputs: ExampleInputs) -> ModelStats:
         >>> sorted(stats.macs_by_op)
         ['addmm', 'convolution']
     """
+    return stats_and_outputs(model, example_inputs)[0]
+
+
+def stats_and_outputs(
+    model: nn.Module, example_inputs: ExampleInputs
+) -> tuple[ModelStats, list[torch.Tensor]]:
+    """:func:`model_stats` and the model's output tensors (eval mode, detached) from the same forward pass."""
     func = "model_stats"
     check_module(model, func)
     check_inputs(example_inputs, func)
@@ -136,7 +144,7 @@ def model_stats(model: nn.Module, example_inputs: ExampleInputs) -> ModelStats:
         torch.enable_grad(),
         counter,
     ):
-        _forward(model, inputs, func)
+        outputs = [t.detach() for t in flatten_outputs(_forward(model, inputs, func))]
 
     macs_by_op: dict[str, int] = {}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
@@ -151,12 +159,13 @@ def model_stats(model: nn.Module, example_inputs: ExampleInputs) -> ModelStats:
                 continue
             params += p.numel()
             nonzero += int(torch.count_nonzero(p))
-    return ModelStats(
+    stats = ModelStats(
         params=params,
         nonzero_params=nonzero,
         macs=sum(macs_by_op.values()),
         macs_by_op=macs_by_op,
     )
+    return stats, outputs
 
 
 def measure_latency(
@@ -244,10 +253,10 @@ def measure_latency(
     return float(statistics.median(times))
 
 
-def _forward(model: nn.Module, inputs: ExampleInputs, func: str) -> None:
-    """Call ``model``, discard the output, and re-raise any failure as a :class:`PruningError`."""
+def _forward(model: nn.Module, inputs: ExampleInputs, func: str) -> Any:
+    """Call ``model`` and return its output; re-raise any failure as a :class:`PruningError`."""
     try:
-        call_model(model, inputs)
+        return call_model(model, inputs)
     except Exception as err:
         raise PruningError(
             f"`{func}(model, example_inputs=...)` failed: the model raised "

@@ -8,7 +8,9 @@
 - ranks agree: scores are summed over ranks, rank 0 decides and broadcasts;
 - resumable: masks live in the callback's ``state_dict`` (tensors and primitives only), and a fresh model
   takes the shapes of a shrunk checkpoint when Lightning loads its weights (a ``load_state_dict`` pre-hook
-  registered in ``setup``).
+  registered in ``setup``);
+- shared parameters (a head tied to the embedding, a layer reused or registered twice) are one unit: scored,
+  masked and counted once, under their canonical name (:mod:`lightning_prune._params`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs, to_device
+from lightning_prune._params import aliases, canonical_names, layer_weights
 from lightning_prune.callbacks._optim import OptimizerSnapshot
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
-from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, Removal, select_layers
+from lightning_prune.structure import ROOT_TYPES, ChannelGraph, Removal, prune_or_refuse, select_layers
 
 
 class PruningCallback(Callback):
     """Base class of the pruning callbacks: shared arguments, masks, shrinking and checkpoint state.
+
+    A weight shared by several selected layers, or by a selected layer and another module, is one unit:
+    masks, scores and counts are keyed by its canonical name, the first of its names in
+    ``named_parameters()`` order. A language-model head tied to the token embedding is a selected Linear
+    layer, so its weight, which IS the embedding matrix, is pruned (under the embedding's name, e.g.
+    ``model.embed_tokens.weight``): the mask zeros entries of the embedding too, the tie holds through
+    training, and the weight counts once. ``exclude=["model.lm_head"]`` keeps it whole.
 
     Args:
         include: Glob patterns of qualified layer names (as in ``LightningModule.named_modules()``, e.g.
@@ -73,12 +83,14 @@ class PruningCallback(Callback):
         self.masks: dict[str, torch.Tensor] = {}
         self.shrunk = False
         self.initial: dict[str, int] = {}  # weights / nodes before any pruning, for sparsity figures
+        self.tied: dict[str, str] = {}  # other names of masked shared parameters → their canonical name
         self._layers: list[str] = []
         self._node_layers: list[str] = []  # selected layers whose outputs are not model outputs
         self._hooks: list[Any] = []
         self._masked: list[tuple[list[torch.Tensor], list[torch.Tensor], Any]] = []
         self._resize_hook: Any = None
         self._example: ExampleInputs | None = None
+        self.refused_groups: dict[str, str] = {}  # group -> why its channels could not be removed exactly
 
     # -- identity and state ----------------------------------------------------------------------------
     @property
@@ -95,6 +107,7 @@ class PruningCallback(Callback):
             "masks": {n: m.detach().to("cpu", torch.bool) for n, m in self.masks.items()},
             "shrunk": self.shrunk,
             "initial": dict(self.initial),
+            "tied": dict(self.tied),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -102,6 +115,7 @@ class PruningCallback(Callback):
         self.masks = {n: m.to(torch.bool) for n, m in state_dict.get("masks", {}).items()}
         self.shrunk = bool(state_dict.get("shrunk", False))
         self.initial = dict(state_dict.get("initial", {}))
+        self.tied = dict(state_dict.get("tied", {}))
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -155,6 +169,13 @@ class PruningCallback(Callback):
                 f"{owner}: include={self.include} and exclude={self.exclude} leave no trainable layer "
                 "to prune."
             )
+        names = canonical_names(pl_module)
+        loose = [n for n in self._layers if f"{n}.weight" not in names]
+        if loose and not self.structured:
+            raise PruningError(
+                f"{owner}: the weights of {loose} are not parameters registered in "
+                f"{type(pl_module).__name__} (parametrized?), so they cannot be masked; exclude them."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """(Re)attach the mask hooks; subclasses prune before calling this."""
@@ -187,9 +208,43 @@ class PruningCallback(Callback):
 
     # -- masks -------------------------------------------------------------------------------------------
     def set_masks(self, pl_module: pl.LightningModule, masks: Mapping[str, torch.Tensor]) -> None:
-        """Adopt new masks (parameter name → bool tensor) and zero the masked weights now."""
+        """Adopt new masks (parameter name → bool tensor) and zero the masked weights now.
+
+        Masks are kept under canonical parameter names: one given under another name of a shared
+        parameter (``lm_head.weight`` tied to ``embed.weight``) is filed under the canonical name, and two
+        masks of one parameter are combined (an entry is kept only if both keep it).
+
+        Raises:
+            PruningError: A name that is not a parameter of the module, a mask shaped unlike its
+                parameter, or masks made while two names shared one parameter that are separate here.
+        """
+        owner = type(self).__name__
+        names = canonical_names(pl_module)
         params = dict(pl_module.named_parameters())
-        self.masks = {n: m.to(params[n].device, torch.bool) for n, m in masks.items()}
+        adopted: dict[str, torch.Tensor] = {}
+        for name, mask in masks.items():
+            if name not in names:
+                raise PruningError(
+                    f"{owner}: there is a mask for {name}, which is not a parameter of "
+                    f"{type(pl_module).__name__}; the checkpoint does not match this model."
+                )
+            key = names[name]
+            if params[key].shape != mask.shape:
+                raise PruningError(
+                    f"{owner}: the mask of {name} has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(params[key].shape)}; the checkpoint does not match this model."
+                )
+            mask = mask.to(params[key].device, torch.bool)
+            adopted[key] = adopted[key] & mask if key in adopted else mask
+        untied = sorted(a for a, c in self.tied.items() if c in adopted and names.get(a) != c)
+        if untied:
+            raise PruningError(
+                f"{owner}: the masks were made while {untied[0]} was tied to {self.tied[untied[0]]} (one "
+                "parameter), but in this model it is a separate parameter: its weights would escape the "
+                "mask. Tie them as when the masks were made (e.g. `tie_word_embeddings=True`)."
+            )
+        self.masks = adopted
+        self.tied = {a: c for a, c in aliases(pl_module).items() if c in adopted}
         self.apply_masks(pl_module)
 
     @torch.no_grad()
@@ -216,20 +271,14 @@ class PruningCallback(Callback):
         """Zero the masked weights a last time and forget the masks: the zeros are now plain weights."""
         self.apply_masks(pl_module)
         self._detach()
-        self.masks = {}
+        self.masks, self.tied = {}, {}
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
         if not self.masks:
             return
-        params = dict(pl_module.named_parameters())
-        for name, mask in self.masks.items():
-            if params[name].shape != mask.shape:
-                raise PruningError(
-                    f"{type(self).__name__}: the mask of {name} has shape {tuple(mask.shape)} but the "
-                    f"parameter has {tuple(params[name].shape)}; the checkpoint does not match this model."
-                )
         self.set_masks(pl_module, self.masks)
+        params = dict(pl_module.named_parameters())
         for opt in trainer.strategy.optimizers:
             owned = {id(p) for g in opt.param_groups for p in g["params"]}
             pairs = [(params[n], m) for n, m in self.masks.items() if id(params[n]) in owned]
@@ -355,7 +404,16 @@ class PruningCallback(Callback):
         for cb in trainer.callbacks:
             if isinstance(cb, PruningCallback):
                 cb._detach()
-        removals = graph.prune(plan)
+        # Verified and all-or-nothing per group: a group whose removal would change what the kept
+        # channels compute is put back as it was, refused from now on, and named in a warning.
+        removals, refused = prune_or_refuse(graph, plan, verify=self.example_inputs(trainer, pl_module))
+        if refused:
+            self.refused_groups.update(refused)
+            rank_zero_warn(
+                f"{type(self).__name__}: kept the channels of {len(refused)} group(s) that cannot be removed "
+                "exactly (they stay whole for the rest of training): "
+                + "; ".join(f"{name}: {why}" for name, why in refused.items())
+            )
         for cb in trainer.callbacks:
             if isinstance(cb, PruningCallback):
                 cb.on_shrink(removals)
@@ -373,8 +431,12 @@ class PruningCallback(Callback):
 
     # -- measurements ---------------------------------------------------------------------------------------
     def prunable_weights(self, pl_module: nn.Module) -> dict[str, nn.Parameter]:
-        """The weights of the selected Conv/Linear layers, by parameter name."""
-        return {f"{n}.weight": pl_module.get_submodule(n).weight for n in self._layers}
+        """The weights of the selected Conv/Linear layers, one entry per parameter, by canonical name.
+
+        Layers sharing a weight give one entry, named by the first name of the parameter in
+        ``named_parameters()`` order (a tied LM head's weight under the embedding's name).
+        """
+        return layer_weights(pl_module, self._layers)
 
     def sparsity_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Sparsity figures of the selected layers.
@@ -428,7 +490,7 @@ def _node_count(module: nn.Module, layers: Sequence[str]) -> int:
     total = 0
     for name in layers:
         layer = module.get_submodule(name)
-        if isinstance(layer, _ROOT_TYPES):
+        if isinstance(layer, ROOT_TYPES):
             total += layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
     return total
 

@@ -16,7 +16,7 @@ from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
 from lightning_prune.schedules import snipit_schedule
 from lightning_prune.stats import model_stats
-from lightning_prune.structure import _ROOT_TYPES, ChannelGraph, Removal, lowest_channels, node_weights
+from lightning_prune.structure import ROOT_TYPES, ChannelGraph, Removal, lowest_channels, node_weights
 
 WHEN = ("before", "during")
 
@@ -57,7 +57,8 @@ class IterativeSNIPCallback(PruningCallback):
       ``max_epochs``/``max_steps`` budget that ends before the last event, and warns when it ends right
       at it (the last step would never be trained).
     - Unstructured (default criterion ``"snip"``, ``|∂L/∂w ⊙ w|``): ``limit`` is the fraction of the
-      selected weights removed; pruned weights score lowest at later steps and stay exactly zero.
+      selected weights removed; pruned weights score lowest at later steps and stay exactly zero. A weight
+      shared by several layers (an LM head tied to the embedding) is scored, masked and counted once.
     - Structured (default criterion ``"snap"``, SNAP-it's node sensitivity ``|∂L/∂gate|``): ``limit`` is the
       fraction of nodes (conv/linear output channels of layers that do not produce a model output) removed;
       pruned channels are removed physically at every step, in every coupled layer (residual nets
@@ -378,7 +379,8 @@ class IterativeSNIPCallback(PruningCallback):
     def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
         """The channel groups of the module, with every conv/linear layer not selected kept whole."""
         selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, _ROOT_TYPES) and n not in selected]
+        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, ROOT_TYPES) and n not in selected]
+        frozen += list(self.refused_groups)
         return ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
 
     def _prune_nodes(

@@ -19,7 +19,10 @@ class SNIPCallback(IterativeSNIPCallback):
     - Unstructured (default): every selected Conv/Linear weight is scored ``|g ⊙ w|``; one global ranking
       keeps the top ``round(n · (1 − limit))``. The pruned weights stay exactly zero through training:
       their gradients are zeroed before clipping and every optimizer step, and the weights re-zeroed after
-      it, so momentum, weight decay, Adam moments, clipping norms and AMP all leave them at zero.
+      it, so momentum, weight decay, Adam moments, clipping norms and AMP all leave them at zero. A weight
+      shared by several layers (an LM head tied to the embedding, a layer used twice) is scored by its one
+      gradient, which sums every use, and is masked and counted once; a selected tied head masks the
+      embedding matrix it shares (see :class:`~lightning_prune.callbacks.base.PruningCallback`).
     - Structured (``structured=True``, the group SNIP of "SNIP-pytorch"): each channel group is scored by the
       summed ``|g ⊙ w|`` of its producing conv/linear weights (over every coupled producer of a residual
       group); in one global ranking, the lowest-scoring channels are removed physically until ``limit`` of

@@ -37,7 +37,9 @@ class ScoringInputs:
 
     Attributes:
         module: The model (its parameters' ``.grad`` may be used and are cleared by the caller afterwards).
-        weights: The selected Conv/Linear weights, by parameter name (the units of unstructured pruning).
+        weights: The selected Conv/Linear weights, by parameter name (the units of unstructured pruning);
+            a parameter shared by several layers (a head tied to the embedding) appears once, under its
+            canonical name (the first in ``named_parameters()``).
         groups: The prunable channel groups (the units of structured pruning).
         losses: Returns an iterator over the training losses of the scoring batches (scalars requiring grad,
             modes and precision handled by the caller); every call replays the same batches.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_prune.criteria.registry import Criterion, ScoringInputs, register_criterion
-from lightning_prune.structure import _ROOT_TYPES, ChannelGroup
+from lightning_prune.structure import ROOT_TYPES, ChannelGroup
 
 
 def connection_sensitivity(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def producer_weights(module: nn.Module, groups: Iterable[ChannelGroup]) -> dict[
     for g in groups:
         for p in g.producers:
             layer = module.get_submodule(p)
-            if isinstance(layer, _ROOT_TYPES):
+            if isinstance(layer, ROOT_TYPES):
                 found[f"{p}.weight"] = layer.weight
     return found
 
@@ -140,9 +140,11 @@ def _gate_sum(
 class SNIP(Criterion):
     """Connection sensitivity ``|∂L/∂w ⊙ w|`` (Lee et al. 2019, arXiv:1810.02340).
 
-    Gradients are summed over the scoring batches. Structured: a channel's score is the summed sensitivity
-    of its producing weights over every coupled producer (the "SNIP-pytorch" group variant). SNIP-it's
-    division by the loss does not change a ranking and is left out.
+    Gradients are summed over the scoring batches. A weight used in several places (a language-model head
+    tied to the token embedding, a layer called twice) is one tensor with one gradient, which already sums
+    every use, so it is scored once, by its whole effect on the loss. Structured: a channel's score is the
+    summed sensitivity of its producing weights over every coupled producer (the "SNIP-pytorch" group
+    variant). SNIP-it's division by the loss does not change a ranking and is left out.
     """
 
     name = "snip"

@@ -1,0 +1,55 @@
+"""Names of shared parameters: one canonical name per parameter object.
+
+A parameter can have several names: a language-model head tied to the token embedding
+(``lm_head.weight is embed.weight``), two layers given one weight, or one layer registered under two
+attribute names. ``named_parameters()`` yields each parameter object once, under the first of its names
+(in module registration order); ``state_dict()`` keeps every name. Masks, scores and counts must treat
+the object as one unit, so they are keyed by that first name, the *canonical* name: it is the key of
+``dict(model.named_parameters())`` (as used by optimizers, rewinding and the optimizer snapshot), and it
+depends only on the order modules are registered, so a fresh instance of the same class (the one a run
+resumes into) gives the same name. ``load_state_dict`` writes every name of a tied parameter into the one
+tensor, so a mask re-applied after it reaches every use.
+
+Examples:
+    >>> from torch import nn
+    >>> net = nn.ModuleDict({"embed": nn.Embedding(8, 4), "head": nn.Linear(4, 8, bias=False)})
+    >>> net["head"].weight = net["embed"].weight  # tied
+    >>> canonical_names(net)
+    {'embed.weight': 'embed.weight', 'head.weight': 'embed.weight'}
+    >>> list(layer_weights(net, ["head"]))
+    ['embed.weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+
+def canonical_names(module: nn.Module) -> dict[str, str]:
+    """Every name of every parameter of ``module`` → its canonical name (the first name of its object)."""
+    first: dict[int, str] = {}
+    return {
+        name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)
+    }
+
+
+def aliases(module: nn.Module) -> dict[str, str]:
+    """The names of shared parameters that are not canonical → their canonical name (``{}``: none shared)."""
+    return {name: first for name, first in canonical_names(module).items() if name != first}
+
+
+def layer_weights(module: nn.Module, layers: Iterable[str]) -> dict[str, nn.Parameter]:
+    """The ``weight`` parameters of ``layers``, one entry per parameter object, by canonical name.
+
+    Layers sharing one weight (tied or reused) give one entry, in the order of their first layer. A weight
+    that is not a parameter registered in ``module`` (a ``torch.nn.utils.parametrize`` property) keeps its
+    layer's name, ``f"{layer}.weight"``.
+    """
+    names = canonical_names(module)
+    weights: dict[str, nn.Parameter] = {}
+    for layer in layers:
+        name = f"{layer}.weight" if layer else "weight"
+        weights[names.get(name, name)] = module.get_submodule(layer).weight
+    return weights

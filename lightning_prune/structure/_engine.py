@@ -1,0 +1,417 @@
+"""The adapter over Torch-Pruning's ``DependencyGraph``: the only module that imports the engine.
+
+It traces a model, lists the engine's channel groups and executes their surgery, and hands the rest of
+the package plain :class:`Item` records. It also corrects what the engine misreads, before the engine
+uses it:
+
+- **Reshapes, splits, slices, unbinds, expands and concatenations** are checked against the tensor
+  shapes recorded by autograd. One that keeps the channel dimension (with everything on one side of it)
+  is treated as channel-wise; a flatten of ``(N, C, ...)`` into ``(N, C·...)`` keeps the engine's flatten
+  mapping; any other (attention ``(B, N, C) → (B, N, heads, C/heads)`` reshapes, ``torch.split``/``chunk``
+  along the channels with sizes fixed in the model's code, concatenations along a non-channel dimension)
+  becomes a *barrier*: the engine's propagation stops there, and every group that reaches it is refused
+  with the reason. This also keeps the engine's index lists from multiplying through a chain of
+  reshapes (Swin, MaxViT), which used to take tens of GB.
+- **Index mappings** are refreshed once before all groups are listed and once per group pruned (the
+  engine refreshes them for every group it builds).
+- **Time**: tracing and listing run under a time budget (main thread, POSIX), so a graph the engine
+  cannot resolve is refused with the reason instead of running for minutes.
+- **Errors** of the engine become :class:`~lightning_prune.errors.PruningError` with the model named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping as _index_mapping
+from torch_pruning.dependency import shape_infer as _shape_infer
+
+from lightning_prune._inputs import ExampleInputs, call_model, flatten_outputs
+from lightning_prune.errors import PruningError
+
+_OPS = tp.ops.OPTYPE
+KIND = {op: op.name.lower() for op in _OPS}
+#: Node kinds whose output channels are not their input channels: channel information stops there.
+CHANNEL_CHANGING = {"conv", "linear", "embed", "mha", "lstm"}
+_MAX_VALID_DIM = 1 << 32  # PyTorch saves dim=-1 as 2**64 - 1
+
+
+class BudgetExceeded(Exception):
+    """Raised inside the engine when the time budget runs out."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One layer or operation a channel group touches, with the group's indices there.
+
+    Attributes:
+        node: The engine's node (opaque: compare by identity only).
+        module: The layer (or free parameter) the item modifies, or the engine's stand-in for a
+            functional operation.
+        kind: Lower-case node kind (``"conv"``, ``"linear"``, ``"bn"``, ``"ln"``, ``"gn"``, ``"in"``,
+            ``"depthwise_conv"``, ``"embed"``, ``"parameter"``, ``"concat"``, ``"elementwise"``, ...).
+        producing: Whether the item removes output channels (rows) of its layer.
+        idxs: Indices in the layer's own channel numbering.
+        root_idxs: For each index, the group channel it belongs to.
+        pruning_dim: For free parameters, the dimension that is pruned.
+    """
+
+    node: Any
+    module: Any
+    kind: str
+    producing: bool
+    idxs: list[int]
+    root_idxs: list[int]
+    pruning_dim: int | None = None
+
+
+class Engine:
+    """A traced model: its nodes, the barriers found in it, its groups and their surgery."""
+
+    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, budget: float | None) -> None:
+        self.model = model
+        self.barriers: dict[Any, str] = {}
+        outputs: list[torch.Tensor] = []
+
+        def keep_outputs(out):
+            outputs.extend(flatten_outputs(out))
+            return outputs
+
+        dg = tp.DependencyGraph()
+        dg.verbose = False
+        dg.model = model
+        dg._module2name = {m: n for n, m in model.named_modules()}
+        dg.ignored_params = []
+        with _deadline(budget, model, "tracing"):
+            dg._param_to_name, dg.unwrapped_parameters = dg._detect_unwrapped_parameters(None)
+            dg.module2node = dg._trace(model, example_inputs, call_model, output_transform=keep_outputs)
+            dg._build_dependency(dg.module2node)
+            self._dg = dg
+            self._mark_barriers()
+            _shape_infer.init_shape_information(dg)
+            _index_mapping.update_index_mapping(dg)
+        self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
+        self._stale: set | None = None  # None: refresh every index mapping before the next prune
+        self.mixing = self._channel_mixing()
+        self.budget = budget
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Any]:
+        """Every node of the traced graph."""
+        return list(self._dg.module2node.values())
+
+    @staticmethod
+    def kind(node) -> str:
+        """Lower-case kind of a node."""
+        return KIND[node.type]
+
+    def param_name(self, param: nn.Parameter) -> str | None:
+        """Qualified name of a free parameter the engine tracks."""
+        return self._dg._param_to_name.get(param)
+
+    def out_channels(self, module: nn.Module) -> int:
+        """Output channels of a root layer, as the engine counts them."""
+        return self._dg.get_pruner_of_module(module).get_out_channels(module)
+
+    # -- groups ----------------------------------------------------------------------------------------
+    def groups(self, root_types: tuple[type, ...]) -> list[tuple[list[Item], list[Item]]]:
+        """Every channel group rooted at a layer of ``root_types``, as two item lists.
+
+        The items for all of its channels, and the items for channel 0 alone: a probe, since both must
+        agree on what channel 0 touches.
+        """
+        with _deadline(self.budget, self.model, "listing the channel groups"), _one_index_refresh(self._dg):
+            found = []
+            for group in self._dg.get_all_groups(root_module_types=root_types):
+                items = self._items(group)
+                found.append((items, self._items(self._group(items[0].module, [0]))))
+            return found
+
+    def items(self, root: nn.Module, channels: list[int]) -> list[Item]:
+        """The items of the group rooted at ``root`` for the given output channels."""
+        return self._items(self._group(root, channels))
+
+    def prune(self, root: nn.Module, channels: list[int]) -> list[Item]:
+        """Remove ``channels`` of ``root``'s group from every layer of it, in place; return its items.
+
+        Index mappings are refreshed before the group is built, for the nodes earlier prunes touched
+        (all of them on the first call): one refresh per pruned group, of what changed.
+        """
+        with _refresh_only(self._dg, self._stale):
+            group = self._group(root, channels)
+        items = self._items(group)
+        group.prune(record_history=False)
+        self._stale = (self._stale or set()) | {i.node for i in items if i.node.type in _REFRESH}
+        return items
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _group(self, root: nn.Module, channels: list[int]):
+        pruner = self._dg.get_pruner_of_module(root)
+        return self._dg.get_pruning_group(root, pruner.prune_out_channels, channels)
+
+    def _items(self, group) -> list[Item]:
+        items = []
+        for entry in group:
+            target = entry.dep.target
+            kind = KIND[target.type]
+            if kind in ("conv", "linear"):
+                producing = entry.dep.handler.__name__.startswith("prune_out")
+            else:
+                producing = kind in ("depthwise_conv", "embed", "parameter")
+            items.append(
+                Item(
+                    node=target,
+                    module=target.module,
+                    kind=kind,
+                    producing=producing,
+                    idxs=list(entry.idxs),
+                    root_idxs=list(entry.root_idxs),
+                    pruning_dim=getattr(target, "pruning_dim", None),
+                )
+            )
+        return items
+
+    def _channels(self, node) -> int | None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _shape_infer.infer_out_channels_recursively(self._dg, node, [0])
+
+    def _channel_mixing(self) -> dict[Any, str]:
+        """Functional reductions across the channels (RMSNorm's mean, GRN, softmax over channels).
+
+        Removing a channel changes what they compute even when it is zero, as a LayerNorm's statistics
+        do: groups through them are not exact.
+        """
+        found = {}
+        for node in self.nodes:
+            fn = node.grad_fn
+            name = type(fn).__name__
+            if KIND[node.type] != "elementwise" or not name.startswith(_MIXING):
+                continue
+            sizes = getattr(fn, "_saved_self_sym_sizes", None)
+            dims = getattr(fn, "_saved_dim", None)
+            if sizes is None or dims is None:
+                continue
+            dims = [d % len(sizes) if d < _MAX_VALID_DIM else len(sizes) - 1 for d in _as_tuple(dims)]
+            where = _channel_dim(node.inputs[0], len(sizes)) if node.inputs else None
+            channels = self._channels(node.inputs[0]) if node.inputs else None
+            if where is not None:
+                mixes = where in dims
+            else:  # the layout is not known: any reduced dimension as long as the channels may mix
+                mixes = channels is not None and any(sizes[d] == channels for d in dims)
+            if mixes:
+                found[node] = (
+                    f"{name.removesuffix('Backward0').removesuffix('Backward1')} across the channels"
+                )
+        return found
+
+    def _mark_barriers(self) -> None:
+        """Decide, from the recorded shapes, which shape operations keep channels and which do not."""
+        ordered = sorted(self.nodes, key=lambda n: _ORDER.get(KIND[n.type], 9))
+        for node in ordered:
+            kind = KIND[node.type]
+            if kind not in _ORDER:
+                continue
+            reason = self._judge(node, kind)
+            if reason == "engine":
+                continue  # a channel concatenation or a flatten (N, C, ...) -> (N, C·...)
+            node.type = _OPS.ELEMENTWISE  # channel-wise from now on: indices pass unchanged
+            if reason:
+                self.barriers[node] = reason
+                node.dependencies = []  # the engine's propagation stops here
+
+    def _judge(self, node, kind: str) -> str:
+        """How an operation treats the channels.
+
+        '' when it keeps every channel where it was, 'engine' when the engine's own mapping is right
+        (channel concatenations, flattens), otherwise why the channels cannot be followed.
+        """
+        fn = node.grad_fn
+        name = type(fn).__name__.removesuffix("Backward0").removesuffix("Backward1")
+        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        outs = [tuple(m.shape) for m in getattr(fn, "_input_metadata", ())]
+        dim = getattr(fn, "_saved_dim", None)
+        if isinstance(dim, int) and dim >= _MAX_VALID_DIM:
+            dim -= 1 << 64
+        inputs = [i for i in node.inputs]
+        channels = self._channels(inputs[0]) if inputs else None
+        if kind == "concat":
+            if dim is None or not outs:
+                return f"a concatenation ({name}) whose dimension is not recorded"
+            parts = [self._channels(i) for i in inputs]
+            if None not in parts and sum(parts) == outs[0][dim]:
+                return "engine"  # along the channels: the engine's offsets are right
+            return (
+                f"a concatenation along dimension {dim} (output {list(outs[0])}) whose parts are not channels"
+            )
+        if sizes is None or not outs or channels is None:
+            return f"a {name} whose channels cannot be followed"
+        if kind in ("split", "unbind", "slice"):
+            if dim is not None and sizes[dim] == channels:
+                return (
+                    f"{name} along the channels (sizes fixed in the model's code) of a {list(sizes)} tensor"
+                )
+            return ""
+        out = outs[0]
+        if (
+            kind == "reshape"
+            and len(sizes) > 2
+            and len(out) == 2
+            and (out[0], sizes[1], out[1]) == (sizes[0], channels, math.prod(sizes[1:]))
+        ):
+            return "engine"
+        if _keeps_channels(tuple(sizes), out, channels):
+            return ""
+        return f"a {name} from {list(sizes)} to {list(out)} that splits or merges the channel dimension"
+
+
+_MIXING = ("Mean", "Var", "Std", "Norm", "LinalgVectorNorm", "Softmax", "LogSoftmax", "Amax", "Max", "Min")
+_ORDER = {"split": 0, "unbind": 0, "slice": 0, "concat": 1, "reshape": 2, "expand": 2}
+
+
+_CHANNELS_FIRST = {"conv", "depthwise_conv", "bn", "gn", "in", "prelu"}
+_CHANNELS_LAST = {"linear", "ln", "embed"}
+
+
+def _channel_dim(node, rank: int) -> int | None:
+    """Where the channels are in ``node``'s output (a tensor of ``rank`` dims), or None if unknown.
+
+    Walks up to the producing layer (channels at dim 1 behind convolutions and batch norms, last behind
+    linear layers) and replays the permutes and transposes on the way.
+    """
+    moves = []
+    while node is not None:
+        kind = KIND[node.type]
+        if kind in _CHANNELS_FIRST or kind in _CHANNELS_LAST:
+            break
+        name = type(node.grad_fn).__name__
+        if name.startswith("Permute"):
+            moves.append(("permute", tuple(node.grad_fn._saved_dims)))
+        elif name.startswith("Transpose"):
+            moves.append(("transpose", (node.grad_fn._saved_dim0, node.grad_fn._saved_dim1)))
+        elif kind != "elementwise" or name.startswith(
+            ("View", "UnsafeView", "Reshape", "Unsqueeze", "Squeeze")
+        ):
+            return None  # a shape change: positions are not followed further
+        node = node.inputs[0] if node.inputs else None
+    if node is None:
+        return None
+    dim = 1 if KIND[node.type] in _CHANNELS_FIRST else rank - 1
+    for move, dims in reversed(moves):
+        if move == "permute":
+            dim = [d % rank for d in dims].index(dim)
+        else:
+            a, b = (d % rank for d in dims)
+            dim = b if dim == a else a if dim == b else dim
+    return dim
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
+def _keeps_channels(before: tuple[int, ...], after: tuple[int, ...], channels: int) -> bool:
+    """Whether a dimension of size ``channels`` and everything on one side of it is unchanged.
+
+    Dimensions of size 1 added or removed (``unsqueeze``, ``view(1, C, 1, 1)``) do not count.
+    """
+    if [d for d in before if d != 1] == [d for d in after if d != 1]:
+        return True
+    for d, size in enumerate(before):
+        if size != channels or (d == 0 and len(before) > 1):  # dim 0 of an activation is the batch
+            continue
+        if before[: d + 1] == after[: d + 1]:
+            return True
+        tail = len(before) - d
+        if len(after) >= tail and before[d:] == after[len(after) - tail :]:
+            return True
+    return False
+
+
+_REFRESH = {
+    _OPS.CONCAT: _index_mapping.update_concat_index_mapping,
+    _OPS.SPLIT: _index_mapping.update_split_index_mapping,
+    _OPS.RESHAPE: _index_mapping.update_reshape_index_mapping,
+    _OPS.UNBIND: _index_mapping.update_unbind_index_mapping,
+    _OPS.EXPAND: _index_mapping.update_expand_index_mapping,
+    _OPS.SLICE: _index_mapping.update_slice_index_mapping,
+}
+
+
+@contextlib.contextmanager
+def _refresh_only(dg, stale: set | None) -> Iterator[None]:
+    """While building one group: refresh the index mappings of ``stale`` nodes only (all if None)."""
+    refresh = _index_mapping.update_index_mapping
+    if stale is None:
+        refresh(dg)
+    else:
+        for node in stale:
+            _REFRESH[node.type](dg, node)
+    _index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        _index_mapping.update_index_mapping = refresh
+
+
+@contextlib.contextmanager
+def _one_index_refresh(dg) -> Iterator[None]:
+    """Refresh the engine's index mappings once, then keep them while several groups are built."""
+    refresh = _index_mapping.update_index_mapping
+    refresh(dg)
+    _index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        _index_mapping.update_index_mapping = refresh
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[None]:
+    """Run the engine under a time budget; its exceptions become PruningErrors naming the model."""
+    use_alarm = (
+        seconds is not None
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    previous = None
+    start = time.monotonic()
+    if use_alarm:
+
+        def expire(signum, frame):
+            raise BudgetExceeded
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        with torch.enable_grad():
+            yield
+    except BudgetExceeded:
+        raise PruningError(
+            f"{what.capitalize()} of {type(model).__name__} took longer than the time budget of "
+            f"{seconds:g} s; refusing rather than running on. The engine cannot resolve this graph in "
+            "reasonable time (typically long chains of reshapes); raise `time_budget` to wait longer."
+        ) from None
+    except PruningError:
+        raise
+    except Exception as err:
+        raise PruningError(
+            f"{what.capitalize()} of {type(model).__name__} failed in the channel engine after "
+            f"{time.monotonic() - start:.1f} s: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,251 @@
+"""Attention heads as channel groups: found by module layout, removed by our own surgery.
+
+The engine cannot follow the reshape that splits a projection's output into heads (it refuses those
+groups, see ``_engine``). A whole head, though, can be removed exactly: its rows of the query, key and
+value projections and its columns of the output projection, with the module's head count updated. This
+module recognises the common attention layouts by their attributes (no import of timm or transformers):
+
+- timm ``Attention`` (fused ``qkv``, ``proj``, ``num_heads``, ``head_dim``, ``attn_dim``);
+- Hugging Face BERT/RoBERTa/ViT-style ``…Attention`` (``self.query/key/value`` or
+  ``attention.query/key/value``, ``output.dense``,
+  ``num_attention_heads``, ``attention_head_size``, ``all_head_size``);
+- Hugging Face LLaMA-style attention (``q_proj/k_proj/v_proj/o_proj``, ``head_dim``, optionally
+  ``num_key_value_groups``: LLaMA, Mistral, Qwen2, ViT in transformers 5), where a unit is one
+  key/value head with the query heads that share it, so grouped-query attention stays consistent.
+
+A group's channel is one unit (head or key/value group); ``ties`` is the head dimension, so
+node counts see a head as the nodes it removes from each projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_prune.structure.layers import unresized_tensors
+from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the units (heads, or key/value groups) of one attention module sit.
+
+    Attributes:
+        module: Qualified name of the attention module.
+        units: Number of units.
+        head_dim: Size of one head.
+        producers: Projection name → (blocks, rows per unit): a fused ``qkv`` has 3 blocks.
+        consumer: The output projection, whose input columns are per unit.
+        columns: Input columns of ``consumer`` per unit.
+        count_attrs: Attributes of the attention module (dotted, relative to it) holding
+            ``units × factor``: they are set to ``kept × factor``.
+    """
+
+    module: str
+    units: int
+    head_dim: int
+    producers: dict[str, tuple[int, int]]
+    consumer: str
+    columns: int
+    count_attrs: dict[str, int]
+
+    @property
+    def name(self) -> str:
+        """The group's name: ``<attention module>.heads``."""
+        return f"{self.module}.heads" if self.module else "heads"
+
+
+def _linear(module: nn.Module, attr: str) -> nn.Linear | None:
+    found = module
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+    return found if type(found) is nn.Linear else None
+
+
+def _timm(name: str, m: nn.Module) -> HeadLayout | None:
+    qkv, proj = _linear(m, "qkv"), _linear(m, "proj")
+    heads, dim = getattr(m, "num_heads", None), getattr(m, "head_dim", None)
+    if not (qkv and proj and isinstance(heads, int) and isinstance(dim, int)):
+        return None
+    if getattr(m, "gate", None) is not None or not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+        return None
+    if qkv.out_features != 3 * heads * dim or proj.in_features != heads * dim:
+        return None
+    counts = {"num_heads": 1} | ({"attn_dim": dim} if getattr(m, "attn_dim", None) == heads * dim else {})
+    return HeadLayout(name, heads, dim, {f"{name}.qkv": (3, dim)}, f"{name}.proj", dim, counts)
+
+
+def _bert(name: str, m: nn.Module) -> HeadLayout | None:
+    part = next((p for p in ("self", "attention") if hasattr(getattr(m, p, None), "query")), None)
+    if part is None:
+        return None
+    inner = getattr(m, part)
+    q, k, v = (_linear(m, f"{part}.{p}") for p in ("query", "key", "value"))
+    out = _linear(m, "output.dense")
+    heads, dim = getattr(inner, "num_attention_heads", None), getattr(inner, "attention_head_size", None)
+    if not (q and k and v and out and isinstance(heads, int) and isinstance(dim, int)):
+        return None
+    if {q.out_features, k.out_features, v.out_features, out.in_features} != {heads * dim}:
+        return None
+    producers = {f"{name}.{part}.{p}": (1, dim) for p in ("query", "key", "value")}
+    counts = {f"{part}.num_attention_heads": 1, f"{part}.all_head_size": dim}
+    return HeadLayout(name, heads, dim, producers, f"{name}.output.dense", dim, counts)
+
+
+def _llama(name: str, m: nn.Module) -> HeadLayout | None:
+    q, k, v, o = (_linear(m, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    dim = getattr(m, "head_dim", None)
+    if not (q and k and v and o and isinstance(dim, int)):
+        return None
+    groups = getattr(m, "num_key_value_groups", 1 if q.out_features == k.out_features else None)
+    if not isinstance(groups, int):
+        return None
+    units = k.out_features // dim
+    if (
+        v.out_features != units * dim
+        or q.out_features != units * groups * dim
+        or o.in_features != q.out_features
+    ):
+        return None
+    producers = {f"{name}.q_proj": (1, groups * dim), f"{name}.k_proj": (1, dim), f"{name}.v_proj": (1, dim)}
+    known = (("num_heads", groups), ("num_attention_heads", groups), ("num_key_value_heads", 1))
+    counts = {a: f for a, f in known if isinstance(getattr(m, a, None), int)}
+    return HeadLayout(name, units, dim, producers, f"{name}.o_proj", groups * dim, counts)
+
+
+#: Recognisers, tried in order on every module.
+LAYOUTS: tuple[Callable[[str, nn.Module], HeadLayout | None], ...] = (_timm, _bert, _llama)
+
+
+def find_heads(model: nn.Module) -> list[HeadLayout]:
+    """Every attention module of ``model`` whose heads can be removed, with its layout."""
+    found = []
+    for name, module in model.named_modules():
+        for layout in LAYOUTS:
+            if (head := layout(name, module)) is not None:
+                found.append(head)
+                break
+    return found
+
+
+def head_group(model: nn.Module, layout: HeadLayout, frozen: set[str], reached: set[str]) -> ChannelGroup:
+    """The channel group of ``layout``'s units.
+
+    Refused when a projection is frozen, not reached by the example inputs, or carries tensors the
+    surgery would not resize, or when there is a single unit.
+    """
+    slices, reasons = [], []
+    units = torch.arange(layout.units)
+    for layer, (blocks, rows) in layout.producers.items():
+        width = layout.units * rows
+        within = units.repeat_interleave(rows) * rows + torch.arange(rows).repeat(layout.units)
+        positions = torch.cat([b * width + within for b in range(blocks)])
+        channels = units.repeat_interleave(rows).repeat(blocks)
+        params = ["weight"] + (["bias"] if model.get_submodule(layer).bias is not None else [])
+        slices += [ParamSlice(f"{layer}.{p}", 0, positions, channels, "out") for p in params]
+    cols = torch.arange(layout.units * layout.columns)
+    slices.append(ParamSlice(f"{layout.consumer}.weight", 1, cols, cols // layout.columns, "in"))
+    layers = [*layout.producers, layout.consumer]
+    for layer in layers:
+        if layer in frozen and layer in layout.producers:
+            reasons.append(f"{layer} is frozen (it produces a model output or was excluded)")
+        if layer not in reached:
+            reasons.append(f"{layer} is not reached by the example inputs")
+        if extra := unresized_tensors(model.get_submodule(layer)):
+            reasons.append(f"{layer} has tensors that would not be resized: {extra}")
+    if layout.units < 2:
+        reasons.append("it has a single head")
+    return ChannelGroup(
+        name=layout.name,
+        size=layout.units,
+        layers=tuple(layers),
+        producers=tuple(layout.producers),
+        slices=tuple(slices),
+        prunable=not reasons,
+        reason="; ".join(reasons),
+        exact=True,
+        ties=layout.head_dim,
+    )
+
+
+def remove_units(
+    model: nn.Module, layout: HeadLayout, group: ChannelGroup, units: Sequence[int]
+) -> list[Removal]:
+    """Remove ``units`` from every projection of ``layout`` and update the module's counts, in place."""
+    gone = torch.as_tensor(sorted(units), dtype=torch.long)
+    done = []
+    for s in group.slices:
+        owner_name, attr = s.param.rpartition(".")[::2]
+        owner = model.get_submodule(owner_name)
+        tensor = getattr(owner, attr)
+        if tensor is None:
+            continue
+        index = s.positions[torch.isin(s.channels, gone)]
+        removal = Removal(s.param, s.dim, index)
+        setattr(owner, attr, nn.Parameter(removal.apply(tensor.detach()), requires_grad=tensor.requires_grad))
+        done.append(removal)
+    for layer in layout.producers:
+        linear = model.get_submodule(layer)
+        linear.out_features = linear.weight.shape[0]
+    consumer = model.get_submodule(layout.consumer)
+    consumer.in_features = consumer.weight.shape[1]
+    kept = layout.units - len(gone)
+    attention = model.get_submodule(layout.module)
+    for path, factor in layout.count_attrs.items():
+        owner_path, attr = path.rpartition(".")[::2]
+        setattr(attention.get_submodule(owner_path) if owner_path else attention, attr, kept * factor)
+    return done
+
+
+def sync_head_counts(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """Set every recognised attention module's head counts from its projections' sizes, in place.
+
+    For a model whose projections were resized from a shrunk checkpoint (the tensors carry the head
+    count, the attributes do not). Returns ``(module, attribute, old value)`` for each change, to undo.
+    """
+    changed = []
+    for m in model.modules():
+        for attrs in _COUNTS:
+            counts = attrs(m)
+            if counts is None:
+                continue
+            for owner, attr, value in counts:
+                if getattr(owner, attr) != value:
+                    changed.append((owner, attr, getattr(owner, attr)))
+                    setattr(owner, attr, value)
+            break
+    return changed
+
+
+def _timm_counts(m: nn.Module):
+    qkv, proj, dim = _linear(m, "qkv"), _linear(m, "proj"), getattr(m, "head_dim", None)
+    if not (qkv and proj and isinstance(dim, int) and isinstance(getattr(m, "num_heads", None), int)):
+        return None
+    out = [(m, "num_heads", proj.in_features // dim)]
+    return out + (
+        [(m, "attn_dim", proj.in_features)] if isinstance(getattr(m, "attn_dim", None), int) else []
+    )
+
+
+def _bert_counts(m: nn.Module):
+    part = next((p for p in ("self", "attention") if hasattr(getattr(m, p, None), "query")), None)
+    inner = getattr(m, part) if part else None
+    q, dim = _linear(m, f"{part}.query") if part else None, getattr(inner, "attention_head_size", None)
+    if not (q and isinstance(dim, int) and isinstance(getattr(inner, "num_attention_heads", None), int)):
+        return None
+    return [(inner, "num_attention_heads", q.out_features // dim), (inner, "all_head_size", q.out_features)]
+
+
+def _llama_counts(m: nn.Module):
+    q, k, dim = _linear(m, "q_proj"), _linear(m, "k_proj"), getattr(m, "head_dim", None)
+    if not (q and k and _linear(m, "o_proj") and isinstance(dim, int)):
+        return None
+    values = {"num_heads": q.out_features // dim, "num_attention_heads": q.out_features // dim}
+    values["num_key_value_heads"] = k.out_features // dim
+    return [(m, a, v) for a, v in values.items() if isinstance(getattr(m, a, None), int)]
+
+
+_COUNTS = (_timm_counts, _bert_counts, _llama_counts)

@@ -1,0 +1,690 @@
+"""`ChannelGraph`: the channel groups of a model, and transactional surgery that removes channels."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lightning_prune._inputs import (
+    ExampleInputs,
+    call_model,
+    check_inputs,
+    check_module,
+    describe,
+    flatten_outputs,
+)
+from lightning_prune.errors import PruningError
+from lightning_prune.stats import _mha_fastpath_disabled
+from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
+from lightning_prune.structure.attention import find_heads, head_group, remove_units
+from lightning_prune.structure.layers import ROOT_TYPES, layer_spec, unresized_tensors
+from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
+
+#: Seconds tracing or listing the groups of one model may take before the model is refused.
+DEFAULT_TIME_BUDGET = 120.0
+
+
+class ChannelGraph:
+    """The channel groups of a model, and the surgery that removes channels from them.
+
+    Tracing runs one forward pass with ``example_inputs`` in eval mode; the model's train/eval modes
+    and buffers are restored afterwards, so building a graph never changes the model. Layers not
+    reached by that forward pass (e.g. auxiliary heads that only run in training mode) are not part of
+    any group.
+
+    A group is refused (``prunable=False``, with the ``reason``) when removing its channels cannot be
+    done exactly: it produces a model output (also one that later layers read, as in feature
+    pyramids), it is coupled to the model input, its channels pass through an operation that splits or
+    merges them (attention-head reshapes, ``torch.split`` with sizes fixed in the code, concatenations
+    along other dimensions), or a layer of it carries tensors the surgery would not resize.
+
+    Surgery (:meth:`prune`) is transactional: if it fails, or its verification finds that the kept
+    channels no longer compute what they did, the model is restored exactly as it was.
+
+    Args:
+        model: The model to analyse; :meth:`prune` modifies it in place.
+        example_inputs: A tensor (one positional argument), a tuple of positional arguments or a dict
+            of keyword arguments the model accepts.
+        frozen: Qualified names of layers whose output channels must never be removed. The layers that
+            produce the model's outputs are always frozen.
+        time_budget: Seconds that tracing and listing the groups may take (``None``: no limit); past
+            it the model is refused with the reason instead of the engine running on for minutes.
+
+    Raises:
+        PruningError: If ``model`` is not a module, the forward pass or the engine fails, the time
+            budget runs out, or the model has no convolution or linear layer.
+
+    Examples:
+        >>> import torch, torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> graph = ChannelGraph(net, torch.randn(2, 3, 32, 32))
+        >>> group = graph.group("layer1.0.conv1")
+        >>> group.size, group.layers
+        (64, ('layer1.0.conv1', 'layer1.0.bn1', 'layer1.0.conv2'))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: ExampleInputs,
+        *,
+        frozen: Sequence[str] = (),
+        time_budget: float | None = DEFAULT_TIME_BUDGET,
+    ) -> None:
+        self.model = check_module(model, "ChannelGraph")
+        self.example_inputs = check_inputs(example_inputs, "ChannelGraph")
+        if time_budget is not None and not (isinstance(time_budget, int | float) and time_budget > 0):
+            raise PruningError(
+                f"`ChannelGraph(time_budget={time_budget!r})` is invalid: `time_budget` must be a number of "
+                "seconds > 0, or None for no limit."
+            )
+        if not any(isinstance(m, ROOT_TYPES) for m in model.modules()):
+            raise PruningError(
+                f"{type(model).__name__} has nothing to prune: it contains no Conv or Linear layer."
+            )
+        self._frozen_arg = tuple(frozen)
+        self.time_budget = time_budget
+        self._build()
+
+    def _build(self) -> None:
+        model = self.model
+        inputs = _leaf_copies(self.example_inputs)
+        with _modes_and_buffers_kept(model):
+            try:
+                self._engine = Engine(model, inputs, self.time_budget)
+            except PruningError as err:
+                raise PruningError(
+                    f"Could not trace {type(model).__name__} with "
+                    f"example_inputs={describe(self.example_inputs)}: {err}"
+                ) from err.__cause__
+        self._names = {m: n for n, m in model.named_modules()}
+        self._order = {n: i for i, n in enumerate(self._names.values())}
+        self._modules_by_name = dict(model.named_modules())
+        self._aliases = _aliases(model)
+        self._input_nodes = self._input_coupled(inputs)
+        self._fragile_nodes = self._flattened_concats()
+        self._roots: dict[str, nn.Module] = {}
+        self._outputs = self._output_layers()
+        self._frozen = set(self._frozen_arg) | self._outputs
+        self._groups: dict[str, ChannelGroup] | None = None
+        self._heads: dict = {}
+        self._shape_cache: dict[str, torch.Size] | None = None
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """Every channel group, named after its first producing conv/linear layer, in model order."""
+        if self._groups is None:
+            self._shape_cache = None
+            found = [self._describe(items, probe) for items, probe in self._engine.groups(ROOT_TYPES)]
+            reached = {self._names[n.module] for n in self._engine.nodes if n.module in self._names}
+            self._heads = {h.name: h for h in find_heads(self.model)}
+            found += [head_group(self.model, h, self._frozen, reached) for h in self._heads.values()]
+            order = self._order
+            found.sort(key=lambda g: order.get(g.name, order.get(g.name.removesuffix(".heads"), 0)))
+            self._groups = {g.name: g for g in found}
+        return list(self._groups.values())
+
+    @property
+    def output_layers(self) -> set[str]:
+        """Layers whose output channels reach a model output (never pruned)."""
+        return set(self._outputs)
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group rooted at the layer called ``name`` (or the group a producer ``name`` belongs to).
+
+        Raises:
+            PruningError: If no group is rooted at ``name``; the message lists the roots.
+        """
+        self.groups  # noqa: B018 - computes the groups once
+        groups = self._groups or {}
+        if name in groups:
+            return groups[name]
+        for g in groups.values():
+            if name in g.producers:
+                return g
+        raise PruningError(f"No channel group is rooted at {name!r}. Roots: {', '.join(groups) or 'none'}.")
+
+    def dead_channels(self) -> dict[str, list[int]]:
+        """Channels whose every producing parameter is exactly zero, per prunable group.
+
+        A channel is dead when, in every layer of its group, the conv/linear output rows and bias
+        entries, the normalization scale and shift, and any free parameter slices are all zero: it then
+        outputs zeros everywhere. Removing it leaves the function unchanged in groups with
+        ``exact=True`` (a LayerNorm or GroupNorm across the channels would see different statistics).
+        """
+        tensors = self._tensors()
+        nonzero: dict[tuple[str, int], torch.Tensor] = {}  # per tensor and dim: any non-zero entry
+        dead = {}
+        for group in self.groups:
+            if not group.prunable:
+                continue
+            alive = torch.zeros(group.size, dtype=torch.bool)
+            for s in group.slices:
+                if s.role in ("out", "norm"):
+                    if (s.param, s.dim) not in nonzero:
+                        t = tensors[s.param].detach()
+                        nonzero[s.param, s.dim] = t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1).any(1).cpu()
+                    alive[s.channels[nonzero[s.param, s.dim][s.positions]]] = True
+            dead[group.name] = torch.nonzero(~alive).flatten().tolist()
+        return dead
+
+    def prune(
+        self,
+        removals: Mapping[str, Sequence[int]],
+        *,
+        verify: ExampleInputs | None = None,
+        reference: Sequence[torch.Tensor] | None = None,
+    ) -> list[Removal]:
+        """Remove channels, in place, from every layer of their groups; all or nothing.
+
+        Args:
+            removals: Group name → channel indices (``0 <= i < group.size``) to remove.
+            verify: Inputs to check the surgery with (eval mode): the pruned model must give the
+                outputs the model gave with the removed channels zeroed (all their producing weights,
+                biases and norm affines set to 0). In groups with ``exact=False`` (a LayerNorm or
+                GroupNorm across the channels) removal is not equivalent to zeroing; there the pruned
+                model must only run and keep its output shapes. ``None`` skips the check.
+            reference: The outputs to verify against, if already known (the outputs of the model on
+                ``verify`` with the removed channels zeroed; for dead channels, its plain outputs).
+
+        Returns:
+            The surgery performed, parameter by parameter, in order (see :class:`Removal`). Tied
+            parameters (one tensor under several names) appear once, under their first name.
+
+        Raises:
+            PruningError: For an unknown or non-prunable group, indices out of range or repeated, or a
+                removal that would empty a layer (nothing is modified then); or if the surgery fails,
+                breaks a tie between parameters, or fails verification (the model is then restored
+                exactly as it was).
+        """
+        plan = self._plan(removals)
+        if not plan:
+            return []
+        if verify is not None and reference is None:
+            with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
+                reference = eval_outputs(self.model, verify)
+        snapshot = _Snapshot(self.model)
+        try:
+            done = self._surgery(plan)
+            _retie(self.model, self._aliases)
+            if verify is not None:
+                try:
+                    outputs = eval_outputs(self.model, verify)
+                except Exception as err:
+                    raise PruningError(
+                        f"the pruned model no longer runs: {type(err).__name__}: {err}"
+                    ) from err
+                exact = all(g.exact for g, _ in plan)
+                if not same_outputs(reference, outputs, shapes_only=not exact):
+                    raise PruningError(
+                        "the kept channels no longer compute what they did (outputs changed by "
+                        f"{max_difference(reference, outputs):.3g}): an operation between the groups' "
+                        "layers is not channel-wise or does not map zero to zero"
+                    )
+        except Exception as err:
+            snapshot.restore()
+            self._build()  # the engine's own records were cut with the model: trace again
+            names = ", ".join(g.name for g, _ in plan)
+            cause = err if isinstance(err, PruningError) else f"{type(err).__name__}: {err}"
+            raise PruningError(
+                f"Removing channels from {names} was undone, the model is as it was: {cause}. "
+                "Leave these layers out (`exclude`/`frozen`) and please report the model."
+            ) from err
+        self._groups = self._shape_cache = None
+        return done
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _plan(self, removals: Mapping[str, Sequence[int]]) -> list[tuple[ChannelGroup, list[int]]]:
+        plan = []
+        for name, channels in removals.items():
+            group = self.group(name)
+            idx = sorted({int(c) for c in channels})
+            if not idx:
+                continue
+            if len(idx) != len(channels):
+                raise PruningError(f"Channels to remove from {name!r} repeat: {list(channels)}.")
+            if not group.prunable:
+                raise PruningError(f"Channel group {name!r} cannot be pruned: {group.reason}.")
+            if idx[0] < 0 or idx[-1] >= group.size:
+                raise PruningError(
+                    f"Channel indices for group {name!r} must be in [0, {group.size}); got {idx}."
+                )
+            emptied = emptied_by(group, idx, self._shapes())
+            if emptied:
+                raise PruningError(
+                    f"Removing channels {idx} of group {name!r} would empty {emptied}; "
+                    "keep at least one of its channels."
+                )
+            plan.append((group, idx))
+        return plan
+
+    def _surgery(self, plan: list[tuple[ChannelGroup, list[int]]]) -> list[Removal]:
+        done: list[Removal] = []
+        heads = [(g, idx) for g, idx in plan if g.name in self._heads]
+        for group, idx in heads:  # our own surgery: the engine refuses the projections' channels
+            done += remove_units(self.model, self._heads[group.name], group, idx)
+        if heads:
+            plan = [(g, idx) for g, idx in plan if g.name not in self._heads]
+            self._build()  # the engine's records of the projections are stale now
+            self.groups  # noqa: B018 - the remaining groups' roots in the new trace
+        for group, idx in plan:
+            root = self._roots[group.name]
+            stride = self._engine.out_channels(root) // group.ties
+            channels = sorted(c + k * stride for c in idx for k in range(group.ties))
+            for item in self._engine.prune(root, channels):
+                done += [Removal(s.param, s.dim, s.positions) for s in self._slices_of(item, stride)]
+        return _dedupe(done, self._aliases)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        model = self.model
+        return dict(model.named_parameters(remove_duplicate=False)) | dict(
+            model.named_buffers(remove_duplicate=False)
+        )
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        if self._shape_cache is None:
+            self._shape_cache = {n: t.shape for n, t in self._tensors().items()}
+        return self._shape_cache
+
+    def _output_layers(self) -> set[str]:
+        """Layers whose output channels reach a model output without a channel-changing layer.
+
+        Outputs are the tensors the model returns, also where later layers read them too (feature
+        pyramids); nodes with no consumer count as outputs as well.
+        """
+        outputs = self._engine.output_grad_fns
+        todo = [n for n in self._engine.nodes if not n.outputs or n.grad_fn in outputs]
+        seen, found = set(), set()
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node.module in self._names:
+                found.add(self._names[node.module])
+            if Engine.kind(node) not in CHANNEL_CHANGING:
+                todo.extend(node.inputs)
+        return found
+
+    def _input_coupled(self, inputs) -> set:
+        """Nodes whose channels are the model input's channels (e.g. a depthwise conv on the input)."""
+        leaves = {id(t) for t in flatten_outputs(inputs) if t.requires_grad}
+        todo = [
+            node
+            for node in self._engine.nodes
+            if any(
+                getattr(f, "variable", None) is not None and id(f.variable) in leaves
+                for f, _ in getattr(node.grad_fn, "next_functions", ())
+            )
+        ]
+        found = set()
+        while todo:
+            node = todo.pop()
+            if node in found or Engine.kind(node) in CHANNEL_CHANGING:
+                continue
+            found.add(node)
+            todo.extend(node.outputs)
+        return found
+
+    def _flattened_concats(self) -> set:
+        """Flattens of a concatenation with spatial size > 1, whose index mapping the engine gets wrong."""
+        found = set()
+        for node in self._engine.nodes:
+            sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+            if Engine.kind(node) != "reshape" or sizes is None or math.prod(sizes[2:]) <= 1:
+                continue
+            todo, seen = list(node.inputs), set()
+            while todo:
+                up = todo.pop()
+                if up in seen or Engine.kind(up) in CHANNEL_CHANGING:
+                    continue
+                seen.add(up)
+                if Engine.kind(up) in ("concat", "split"):
+                    found.add(node)
+                    break
+                todo.extend(up.inputs)
+        return found
+
+    def _label(self, module) -> str | None:
+        if isinstance(module, nn.Parameter):
+            return self._engine.param_name(module)
+        return self._names.get(module)
+
+    def _describe(self, items: list[Item], probe: list[Item]) -> ChannelGroup:
+        root = items[0].module
+        channels = self._engine.out_channels(root)
+        reasons, exact, ties = [], True, 1
+        layers, producers = [], []
+        for item in items:
+            module, kind = item.module, item.kind
+            label = self._label(module)
+            if item.node in self._engine.barriers:
+                reasons.append(f"its channels pass through {self._engine.barriers[item.node]}")
+            if item.node in self._input_nodes:
+                reasons.append("its channels are coupled to the model input")
+            if item.node in self._fragile_nodes:
+                reasons.append("a concatenation is flattened before a linear layer (unsupported)")
+            if item.node in self._engine.mixing:
+                exact = False
+            if label is None:
+                continue
+            if label not in layers:
+                layers.append(label)
+            if kind in ("mha", "lstm"):
+                reasons.append(f"{label} ({type(module).__name__}) cannot be resized here")
+            if kind in ("ln", "gn"):
+                exact = False
+            if isinstance(module, nn.Module) and (extra := unresized_tensors(module)):
+                reasons.append(
+                    f"{label} ({type(module).__name__}) has tensors that would not be resized: {extra}"
+                )
+            if kind == "conv" and module.transposed and module.groups > 1:
+                reasons.append(f"{label} is a grouped transposed convolution")
+            if kind == "depthwise_conv" and module.in_channels != module.out_channels:
+                reasons.append(f"{label} has groups == out_channels but fewer outputs than inputs")
+            split = _groups_of(module, kind)
+            if split > 1:
+                width = getattr(module, "num_channels", None) or (
+                    module.out_channels if item.producing else module.in_channels
+                )
+                if item.idxs != item.root_idxs or len(item.idxs) != width:
+                    reasons.append(f"{label} is a grouped layer behind a concatenation or split")
+                else:
+                    ties = math.lcm(ties, split)
+            if item.producing and item.kind != "parameter" and label not in producers:
+                producers.append(label)
+            if label in self._frozen and item.producing:
+                reasons.append(f"{label} is frozen (it produces a model output or was excluded)")
+        if channels % ties:
+            reasons.append(f"{channels} channels cannot be split evenly into {ties} ties")
+            ties = 1
+        size = channels // ties
+        # Name the group after its first producing conv/linear layer in model order.
+        name = min(
+            (p for p in producers if isinstance(self._modules_by_name.get(p), ROOT_TYPES)),
+            key=self._order.__getitem__,
+            default=self._names[root],
+        )
+        self._roots[name] = root
+        slices = [s for item in items for s in self._slices_of(item, size)]
+        shapes = self._shapes()
+        if any(s.param not in shapes or int(s.positions.max()) >= shapes[s.param][s.dim] for s in slices):
+            reasons.append("the traced dependencies do not fit the layer shapes")
+        if _entries(items, only=0) != _entries(probe):
+            reasons.append(
+                "removing one of its channels reaches entries the group maps to another channel (its "
+                "channels are coupled to each other, e.g. by a depthwise layer between two parts of a "
+                "concatenation)"
+            )
+        return ChannelGroup(
+            name=name,
+            size=size,
+            layers=tuple(layers),
+            producers=tuple(producers),
+            slices=tuple(slices),
+            prunable=not reasons,
+            reason="; ".join(dict.fromkeys(reasons)),
+            exact=exact,
+            ties=ties,
+        )
+
+    def _slices_of(self, item: Item, stride: int) -> list[ParamSlice]:
+        """Where the item's indices sit in the parameters and buffers of its layer."""
+        label = self._label(item.module)
+        if label is None or not item.idxs:
+            return []
+        positions = torch.as_tensor(item.idxs, dtype=torch.long)
+        channels = torch.as_tensor(item.root_idxs, dtype=torch.long) % stride
+        module = item.module
+        if item.kind == "parameter":
+            return [ParamSlice(label, item.pruning_dim, positions, channels, "out")]
+        producing = item.producing or item.kind == "depthwise_conv"
+        spec = layer_spec(module, producing) or []
+        if item.kind == "conv" and not producing and module.groups > 1:
+            first = positions < module.in_channels // module.groups  # a grouped conv's weight repeats
+            positions, channels = positions[first], channels[first]
+        out = [
+            ParamSlice(f"{label}.{attr}", dim, positions, channels, role) for attr, dim, role in spec if role
+        ]
+        return [s for s in out if len(s.positions)]
+
+
+def _entries(items: list[Item], only: int | None = None) -> set[tuple[int, bool, int]]:
+    """(layer, producing, position) of every item index (of group channel ``only``, if given)."""
+    return {
+        (id(item.module), item.producing, i)
+        for item in items
+        for i, root in zip(item.idxs, item.root_idxs, strict=True)
+        if only is None or root == only
+    }
+
+
+def prune_or_refuse(
+    graph: ChannelGraph,
+    plan: Mapping[str, Sequence[int]],
+    *,
+    verify: ExampleInputs | None,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> tuple[list[Removal], dict[str, str]]:
+    """Prune ``plan``, verified; where that fails, bisect it: prune what passes, refuse the rest.
+
+    Returns:
+        The removals made, and group name → why its removal was refused (the model holds those
+        channels as before).
+    """
+    refused: dict[str, str] = {}
+
+    def attempt(part: dict[str, Sequence[int]]) -> list[Removal]:
+        if not part:
+            return []
+        try:
+            return graph.prune(part, verify=verify, reference=reference)
+        except PruningError as err:
+            if len(part) == 1:
+                text = str(err)
+                refused[next(iter(part))] = text[text.find("as it was: ") + 11 :].split(". Leave these")[0]
+                return []
+        names = list(part)
+        half = len(names) // 2
+        return attempt({n: part[n] for n in names[:half]}) + attempt({n: part[n] for n in names[half:]})
+
+    return attempt(dict(plan)), refused
+
+
+def _groups_of(module, kind: str) -> int:
+    if kind == "conv" and module.groups > 1:
+        return module.groups
+    if kind == "gn":
+        return module.num_groups
+    return 1
+
+
+def _producing(group: ChannelGroup, channels: Sequence[int]) -> list[ParamSlice]:
+    """The producing slices (weights, biases, norm affines) of ``channels`` of ``group``."""
+    gone = torch.as_tensor(list(channels), dtype=torch.long)
+    out = []
+    for s in group.slices:
+        if s.role in ("out", "norm"):
+            hit = torch.isin(s.channels, gone)
+            if hit.any():
+                out.append(ParamSlice(s.param, s.dim, s.positions[hit], s.channels[hit], s.role))
+    return out
+
+
+def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str, torch.Size]) -> str | None:
+    """The first parameter that would lose every entry along a dim if ``channels`` went, if any."""
+    gone = torch.as_tensor(list(channels), dtype=torch.long)
+    for s in group.slices:
+        if int(torch.isin(s.channels, gone).sum()) >= shapes[s.param][s.dim]:
+            return s.param
+    return None
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Every name of a parameter/buffer → its first name (tied or shared tensors have several)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        out[name] = first.setdefault(id(t), name)
+    return out
+
+
+def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal]:
+    seen, out = set(), []
+    for r in removals:
+        r = Removal(aliases.get(r.param, r.param), r.dim, r.index)
+        key = (r.param, r.dim, tuple(r.index.tolist()))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make tensors that were one tensor before surgery one tensor again (same values required)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, first in aliases.items():
+        if name == first or name not in params or first not in params:
+            continue
+        a, b = params[first], params[name]
+        if a is b:
+            continue
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise PruningError(
+                f"{name} is tied to {first}, but the surgery would cut them differently "
+                f"({tuple(b.shape)} vs {tuple(a.shape)})"
+            )
+        owner, attr = name.rpartition(".")[::2] if "." in name else ("", name)
+        setattr(model.get_submodule(owner), attr, a)
+
+
+class _Snapshot:
+    """Every module's attributes by reference: surgery replaces tensors, so this restores the model.
+
+    The engine never writes into a tensor: it builds smaller ones and sets them as attributes. Keeping
+    each module's attribute dictionaries (and copies of list/dict/set attributes, which it may edit in
+    place) is therefore enough to undo it exactly, at no memory cost.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._state = [(m, {k: _copy(v) for k, v in vars(m).items()}) for m in model.modules()]
+
+    def restore(self) -> None:
+        for module, attrs in self._state:
+            vars(module).clear()
+            vars(module).update(attrs)
+
+
+def _copy(value):
+    return copy.copy(value) if isinstance(value, list | dict | set) else value
+
+
+class _zeroed:
+    """Context: the given slices set to zero, their values put back afterwards."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], slices: Sequence[ParamSlice]) -> None:
+        self.tensors, self.slices, self.saved = tensors, slices, []
+
+    def __enter__(self):
+        with torch.no_grad():
+            for s in self.slices:
+                t = self.tensors[s.param]
+                idx = s.positions.to(t.device)
+                self.saved.append((t, s.dim, idx, t.index_select(s.dim, idx).clone()))
+                t.index_fill_(s.dim, idx, 0)
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for t, dim, idx, values in reversed(self.saved):
+                t.index_copy_(dim, idx, values)
+
+
+class _modes_and_buffers_kept:
+    """Context: the model's train/eval modes and buffer values are put back afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        return self
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                if name in self.buffers and b.shape == self.buffers[name].shape:
+                    b.copy_(self.buffers[name])
+
+
+def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:
+    """The model's output tensors in eval mode, without gradients (modes restored).
+
+    PyTorch's fused attention path stays off, as in :func:`~lightning_prune.stats.stats_and_outputs`,
+    so that both compute the same numbers.
+    """
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), _mha_fastpath_disabled():
+            return [t.detach().clone() for t in flatten_outputs(call_model(model, example_inputs))]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def same_outputs(reference, outputs, *, shapes_only: bool = False) -> bool:
+    """Whether two output lists match (shapes, and values up to float tolerance unless ``shapes_only``).
+
+    The absolute tolerance grows with the outputs' magnitude (float rounding does too).
+    """
+    pairs = list(zip(reference, outputs, strict=False))
+    if len(reference) != len(outputs) or any(r.shape != o.shape for r, o in pairs):
+        return False
+    if shapes_only:
+        return all(not o.is_floating_point() or bool(torch.isfinite(o).all()) for o in outputs)
+    for r, o in pairs:
+        if not r.is_floating_point():
+            if not torch.equal(r, o):
+                return False
+            continue
+        rtol, atol = (1e-4, 1e-5) if r.dtype in (torch.float32, torch.float64) else (2e-2, 2e-2)
+        if not torch.allclose(r, o, rtol=rtol, atol=atol * max(1.0, _amax(r))):
+            return False
+    return True
+
+
+def max_difference(reference, outputs) -> float:
+    """Largest absolute difference between matching float outputs (inf when shapes differ)."""
+    diffs = [
+        _amax(r.float() - o.float()) if r.shape == o.shape else math.inf
+        for r, o in zip(reference, outputs, strict=False)
+    ]
+    return max(diffs, default=math.inf)
+
+
+def _amax(t: torch.Tensor) -> float:
+    return float(t.abs().amax()) if t.numel() else 0.0
+
+
+def _leaf_copies(example_inputs: ExampleInputs) -> ExampleInputs:
+    """Floating-point inputs as fresh autograd leaves, so the trace can tell where they enter."""
+    if isinstance(example_inputs, torch.Tensor):
+        if example_inputs.is_floating_point():
+            return example_inputs.detach().clone().requires_grad_()
+        return example_inputs
+    if isinstance(example_inputs, Mapping):
+        return {k: _leaf_copies(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return type(example_inputs)(_leaf_copies(v) for v in example_inputs)
+    return example_inputs

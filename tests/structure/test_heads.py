@@ -1,0 +1,139 @@
+"""Attention heads as channel groups: removed whole, head counts updated, outputs exact, reloadable."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import ChannelGraph, SNIPCallback, load_pruned_state_dict, shrink
+from lightning_prune.structure.graph import eval_outputs
+from tests.callbacks.test_tied import CausalLM
+from tests.helpers.modules import trainer
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+
+def kill_units(model: nn.Module, graph: ChannelGraph, name: str, units: list[int]) -> None:
+    """Zero the query/key/value rows (and biases) of ``units`` of the head group ``name``."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for s in graph.group(name).slices:
+            if s.role == "out":
+                hit = s.positions[torch.isin(s.channels, torch.tensor(units))]
+                tensors[s.param].index_fill_(s.dim, hit, 0)
+
+
+def llama(tied: bool = False) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+class Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+IDS = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_dead_heads_of_a_bert_like_model_are_removed_exactly():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = Logits(transformers.BertForMaskedLM(config)).eval()
+    graph = ChannelGraph(model, IDS)
+    name = "model.bert.encoder.layer.0.attention.heads"
+    group = graph.group(name)
+    assert (group.size, group.ties, group.prunable, group.exact) == (4, 8, True, True)
+    kill_units(model, graph, name, [1, 3])
+    ref = eval_outputs(model, IDS)
+    report = shrink(model, IDS, verify=False)
+    assert report.removed[name] == 2 * 8
+    attention = model.model.bert.encoder.layer[0].attention
+    assert attention.self.num_attention_heads == 2 and attention.self.all_head_size == 16
+    assert attention.self.query.weight.shape == (16, 32) and attention.output.dense.weight.shape == (32, 16)
+    torch.testing.assert_close(eval_outputs(model, IDS), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_query_attention_loses_whole_key_value_groups():
+    torch.manual_seed(0)
+    model = Logits(llama())
+    graph = ChannelGraph(model, IDS)
+    name = "model.model.layers.1.self_attn.heads"
+    assert graph.group(name).size == 2  # units are key/value heads, each with its 2 query heads
+    kill_units(model, graph, name, [0])
+    ref = eval_outputs(model, IDS)
+    graph.prune({name: [0]}, verify=IDS)
+    attn = model.model.model.layers[1].self_attn
+    assert attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
+    assert attn.o_proj.in_features == 16 and attn.num_key_value_groups == 2
+    torch.testing.assert_close(eval_outputs(model, IDS), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_vit_heads_shrink_and_reload_into_a_fresh_model():
+    torch.manual_seed(0)
+    build = lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10).eval()  # noqa: E731
+    model, x = build(), torch.randn(2, 3, 32, 32)
+    graph = ChannelGraph(model, x)
+    kill_units(model, graph, "blocks.0.attn.heads", [2])
+    ref = eval_outputs(model, x)
+    shrink(model, x)
+    assert model.blocks[0].attn.num_heads == 2 and model.blocks[0].attn.attn_dim == 128
+    torch.testing.assert_close(eval_outputs(model, x), ref, rtol=1e-4, atol=1e-5)
+    fresh = build()
+    load_pruned_state_dict(fresh, copy.deepcopy(model.state_dict()))
+    assert fresh.blocks[0].attn.num_heads == 2 and fresh.blocks[0].attn.attn_dim == 128
+    torch.testing.assert_close(eval_outputs(fresh, x), ref, rtol=1e-4, atol=1e-5)
+
+
+class TiedCausalLM(CausalLM):
+    """A tiny LLaMA with its LM head tied to the token embedding, callable on token ids."""
+
+    def __init__(self) -> None:
+        super().__init__("llama")
+        self.example_input_array = IDS
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def test_structured_snip_prunes_heads_of_a_tied_lm_and_the_checkpoint_reloads(tmp_path):
+    pl.seed_everything(0)
+    module = TiedCausalLM()
+    pruner = SNIPCallback(limit=0.4, structured=True)
+    trainer(tmp_path, [pruner], max_steps=2).fit(module)
+    hf = module.model
+    assert hf.lm_head.weight is hf.get_input_embeddings().weight
+    heads = [layer.self_attn for layer in hf.model.layers]
+    assert any(a.k_proj.out_features < 16 for a in heads) or any(
+        layer.mlp.gate_proj.out_features < 64 for layer in hf.model.layers
+    )
+    path = tmp_path / "lm.pt"
+    torch.save({"state_dict": module.state_dict()}, path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    fresh = TiedCausalLM()
+    load_pruned_state_dict(fresh, state)
+    assert fresh.model.lm_head.weight is fresh.model.get_input_embeddings().weight
+    module.eval()
+    torch.testing.assert_close(eval_outputs(fresh, IDS), eval_outputs(module, IDS))
