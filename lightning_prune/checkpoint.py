@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from torch import nn
 from lightning_prune._inputs import check_module
 from lightning_prune.errors import PruningError
 from lightning_prune.structure.attention import sync_head_counts
+from lightning_prune.structure.layers import RESIZABLE, Shapes, Unresizable, resize_handler
 
 __all__ = ["load_pruned_checkpoint", "load_pruned_state_dict", "resize_to_state_dict"]
 
@@ -40,11 +41,6 @@ _CONTAINERS: tuple[type, ...] = (
     nn.ParameterDict,
     torch.fx.GraphModule,
 )
-_RMS_NORM: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-
-
-class _Unresizable(Exception):
-    """A layer cannot take the shapes of the state dict (internal: becomes a PruningError)."""
 
 
 def load_pruned_state_dict(
@@ -416,7 +412,7 @@ def _plan_layer(owner: _Owner, saved: Mapping[str, _Shape]) -> _Plan:
         for name, t in list(module._parameters.items()) + list(module._buffers.items())
         if t is not None
     }
-    handler = _handler(module)
+    handler = resize_handler(module)
     if handler is None:
         if _is_torch_layer(module):
             names = ", ".join(
@@ -424,14 +420,14 @@ def _plan_layer(owner: _Owner, saved: Mapping[str, _Shape]) -> _Plan:
             )
             raise PruningError(
                 f"`{_FUNC}`: {label} is a {kind} whose tensors changed shape ({names}), and {kind} "
-                f"layers cannot be resized here. Supported: {_SUPPORTED}."
+                f"layers cannot be resized here. Supported: {RESIZABLE}."
             )
         # Free tensors of a non-torch module (class tokens, layer scales): take the saved shapes.
         return _Plan(owner, {n: s for n, s in saved.items() if s != tensors[n]})
 
     try:
-        attrs, wanted = handler(module, _Shapes(saved, tensors))
-    except _Unresizable as err:
+        attrs, wanted = handler(module, Shapes(saved, tensors))
+    except Unresizable as err:
         raise PruningError(
             f"`{_FUNC}`: cannot resize {label} ({kind}) to the shapes in the state dict "
             f"({_shapes(saved)}): {err}."
@@ -477,118 +473,6 @@ def _apply(plans: list[_Plan], undo: list[tuple[nn.Module, str, Any]]) -> None:
         for name, value in plan.attrs.items():
             undo.append((module, name, getattr(module, name)))
             setattr(module, name, value)
-
-
-# -- one handler per layer type: (module, shapes) -> (new attributes, new shapes of its tensors) --
-
-
-@dataclass(frozen=True)
-class _Shapes:
-    """The shapes a layer's tensors have in the state dict, or in the model where not saved."""
-
-    saved: Mapping[str, _Shape]
-    current: Mapping[str, _Shape]
-
-    def __call__(self, name: str) -> _Shape:
-        if name in self.saved:
-            return self.saved[name]
-        if name not in self.current:
-            raise _Unresizable(f"it has no `{name}` tensor of its own (is it parametrized?)")
-        return self.current[name]
-
-    def first(self, names: tuple[str, ...]) -> _Shape:
-        """The shape of the first of ``names`` in the state dict, else the first the layer has."""
-        for name in names:
-            if name in self.saved:
-                return self.saved[name]
-        return next(self.current[name] for name in names if name in self.current)
-
-
-_Handler = Callable[[nn.Module, _Shapes], tuple[dict[str, Any], dict[str, _Shape]]]
-
-
-def _conv(module: nn.Module, shape: _Shapes):
-    weight = shape("weight")
-    kernel = tuple(module.kernel_size)
-    if weight[2:] != kernel:
-        raise _Unresizable(f"its kernel size {kernel} cannot change")
-    # weight: (out, in / groups, *kernel), or (in, out / groups, *kernel) when transposed
-    lead, per_group = weight[0], weight[1]
-    groups = module.groups
-    if groups > 1 and groups == module.in_channels == module.out_channels:
-        if per_group != 1:
-            raise _Unresizable(
-                f"it is depthwise (groups == channels), so weight.shape[1] must stay 1; got {per_group}"
-            )
-        groups = other = lead
-    else:
-        if lead % groups:
-            raise _Unresizable(f"weight.shape[0] = {lead} channels cannot be split into its {groups} groups")
-        other = per_group * groups
-    out_channels, in_channels = (other, lead) if module.transposed else (lead, other)
-    attrs = {"in_channels": in_channels, "out_channels": out_channels, "groups": groups}
-    return attrs, {"weight": weight, "bias": (out_channels,)}
-
-
-def _linear(module: nn.Module, shape: _Shapes):
-    out_features, in_features = shape("weight")
-    attrs = {"in_features": in_features, "out_features": out_features}
-    return attrs, {"weight": (out_features, in_features), "bias": (out_features,)}
-
-
-def _batch_norm(module: nn.Module, shape: _Shapes):
-    names = ("weight", "bias", "running_mean", "running_var")
-    (features,) = shape.first(names)
-    return {"num_features": features}, dict.fromkeys(names, (features,))
-
-
-def _group_norm(module: nn.Module, shape: _Shapes):
-    (channels,) = shape.first(("weight", "bias"))
-    if channels % module.num_groups:
-        raise _Unresizable(
-            f"{channels} channels cannot be split into its num_groups={module.num_groups} groups"
-        )
-    return {"num_channels": channels}, dict.fromkeys(("weight", "bias"), (channels,))
-
-
-def _layer_norm(module: nn.Module, shape: _Shapes):
-    normalized = shape.first(("weight", "bias"))
-    return {"normalized_shape": normalized}, dict.fromkeys(("weight", "bias"), normalized)
-
-
-def _prelu(module: nn.Module, shape: _Shapes):
-    (count,) = shape("weight")
-    return {"num_parameters": count}, {"weight": (count,)}
-
-
-def _embedding(module: nn.Module, shape: _Shapes):
-    count, dim = shape("weight")
-    if module.padding_idx is not None and module.padding_idx >= count:
-        raise _Unresizable(f"its padding_idx={module.padding_idx} is beyond {count} embeddings")
-    return {"num_embeddings": count, "embedding_dim": dim}, {"weight": (count, dim)}
-
-
-_HANDLERS: tuple[tuple[tuple[type, ...], _Handler], ...] = (
-    ((nn.modules.conv._ConvNd,), _conv),
-    ((nn.Linear,), _linear),
-    ((nn.modules.batchnorm._NormBase,), _batch_norm),
-    ((nn.GroupNorm,), _group_norm),
-    ((nn.LayerNorm, *_RMS_NORM), _layer_norm),
-    ((nn.PReLU,), _prelu),
-    ((nn.Embedding, nn.EmbeddingBag), _embedding),
-)
-_SUPPORTED = (
-    "Conv/ConvTranspose 1d-3d, Linear, BatchNorm/SyncBatchNorm/InstanceNorm, GroupNorm, LayerNorm, "
-    + ("RMSNorm, " if _RMS_NORM else "")
-    + "PReLU, Embedding/EmbeddingBag, and tensors held directly by non-torch modules"
-)
-
-
-def _handler(module: nn.Module) -> _Handler | None:
-    for types, handler in _HANDLERS:
-        if isinstance(module, types):
-            return handler
-    return None
 
 
 def _is_torch_layer(module: nn.Module) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lightning_prune.criteria.registry import Criterion, ScoringInputs, register_criterion
 from lightning_prune.structure import ROOT_TYPES, ChannelGroup
+from lightning_prune.structure.layers import output_channels
 
 
 def connection_sensitivity(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -81,20 +82,6 @@ def producer_weights(module: nn.Module, groups: Iterable[ChannelGroup]) -> dict[
     return found
 
 
-def _channels(layer: nn.Module) -> tuple[int, Callable[[torch.Tensor], int]]:
-    """Output channels of a conv/linear/norm layer and where they sit in its output."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        return layer.out_channels, lambda out: 1 if out.dim() == 2 + len(layer.kernel_size) else 0
-    if isinstance(layer, nn.modules.batchnorm._BatchNorm | nn.GroupNorm):
-        size = (
-            layer.num_features if isinstance(layer, nn.modules.batchnorm._BatchNorm) else layer.num_channels
-        )
-        return size, lambda out: 1 if out.dim() > 1 else 0
-    if isinstance(layer, nn.LayerNorm):
-        return layer.normalized_shape[-1], lambda out: out.dim() - 1
-    return layer.out_features, lambda out: out.dim() - 1
-
-
 @contextlib.contextmanager
 def output_gates(module: nn.Module, layers: Iterable[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Multiply the output of each conv/linear/norm layer by a gate of ones (one per output channel).
@@ -106,7 +93,7 @@ def output_gates(module: nn.Module, layers: Iterable[str]) -> Iterator[dict[str,
     gates, handles = {}, []
     for name in layers:
         layer = module.get_submodule(name)
-        size, channel_dim = _channels(layer)
+        size, channel_dim = output_channels(layer)
         gate = torch.ones(size, device=next(layer.parameters()).device, requires_grad=True)
 
         def hook(mod, args, out, gate=gate, channel_dim=channel_dim):

@@ -102,6 +102,7 @@ class Engine:
             _shape_infer.init_shape_information(dg)
             _index_mapping.update_index_mapping(dg)
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
+        self.output_shapes = [t.shape for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
         self.mixing = self._channel_mixing()
         self.budget = budget
@@ -198,7 +199,12 @@ class Engine:
         for node in self.nodes:
             fn = node.grad_fn
             name = type(fn).__name__
-            if KIND[node.type] != "elementwise" or not name.startswith(_MIXING):
+            if KIND[node.type] != "elementwise":
+                continue
+            if name.startswith(_FUNCTIONAL_NORMS):  # F.layer_norm, F.group_norm, F.rms_norm
+                found[node] = f"a functional {name.removesuffix('Backward0')}"
+                continue
+            if not name.startswith(_MIXING):
                 continue
             sizes = getattr(fn, "_saved_self_sym_sizes", None)
             dims = getattr(fn, "_saved_dim", None)
@@ -222,6 +228,11 @@ class Engine:
         ordered = sorted(self.nodes, key=lambda n: _ORDER.get(KIND[n.type], 9))
         for node in ordered:
             kind = KIND[node.type]
+            if kind == "elementwise" and type(node.grad_fn).__name__.startswith(_FUNCTIONAL_LAYERS):
+                # F.conv2d(x, buffer, groups=C) and the like: weights and groups fixed in the code
+                self.barriers[node] = f"a functional {type(node.grad_fn).__name__.removesuffix('Backward0')}"
+                node.dependencies = []
+                continue
             if kind not in _ORDER:
                 continue
             reason = self._judge(node, kind)
@@ -278,6 +289,8 @@ class Engine:
 
 
 _MIXING = ("Mean", "Var", "Std", "Norm", "LinalgVectorNorm", "Softmax", "LogSoftmax", "Amax", "Max", "Min")
+_FUNCTIONAL_NORMS = ("NativeLayerNorm", "NativeGroupNorm", "RmsNorm", "FusedRmsNorm")
+_FUNCTIONAL_LAYERS = ("Convolution", "ConvolutionBackwardOverrideable", "Mkldnn", "ThnnConv", "SlowConv")
 _ORDER = {"split": 0, "unbind": 0, "slice": 0, "concat": 1, "reshape": 2, "expand": 2}
 
 

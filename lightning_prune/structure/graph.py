@@ -177,17 +177,20 @@ class ChannelGraph:
         removals: Mapping[str, Sequence[int]],
         *,
         verify: ExampleInputs | None = None,
+        compare: bool = True,
         reference: Sequence[torch.Tensor] | None = None,
     ) -> list[Removal]:
         """Remove channels, in place, from every layer of their groups; all or nothing.
 
         Args:
             removals: Group name → channel indices (``0 <= i < group.size``) to remove.
-            verify: Inputs to check the surgery with (eval mode): the pruned model must give the
-                outputs the model gave with the removed channels zeroed (all their producing weights,
-                biases and norm affines set to 0). In groups with ``exact=False`` (a LayerNorm or
-                GroupNorm across the channels) removal is not equivalent to zeroing; there the pruned
-                model must only run and keep its output shapes. ``None`` skips the check.
+            verify: Inputs to check the surgery with (eval mode): the pruned model must run and keep
+                its output shapes, and (``compare``) give the outputs the model gave with the removed
+                channels zeroed (all their producing weights, biases and norm affines set to 0). In
+                groups with ``exact=False`` (a LayerNorm or GroupNorm across the channels) removal is
+                not equivalent to zeroing, and only the first part applies. ``None`` skips the check.
+            compare: Compare output values, not only shapes (needs one more forward pass, unless
+                ``reference`` is given).
             reference: The outputs to verify against, if already known (the outputs of the model on
                 ``verify`` with the removed channels zeroed; for dead channels, its plain outputs).
 
@@ -204,9 +207,13 @@ class ChannelGraph:
         plan = self._plan(removals)
         if not plan:
             return []
+        exact = compare and all(g.exact for g, _ in plan)
         if verify is not None and reference is None:
-            with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
-                reference = eval_outputs(self.model, verify)
+            if not exact and verify is self.example_inputs:
+                reference = [torch.empty(shape) for shape in self._engine.output_shapes]  # shapes only
+            else:
+                with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
+                    reference = eval_outputs(self.model, verify)
         snapshot = _Snapshot(self.model)
         try:
             done = self._surgery(plan)
@@ -218,7 +225,6 @@ class ChannelGraph:
                     raise PruningError(
                         f"the pruned model no longer runs: {type(err).__name__}: {err}"
                     ) from err
-                exact = all(g.exact for g, _ in plan)
                 if not same_outputs(reference, outputs, shapes_only=not exact):
                     raise PruningError(
                         "the kept channels no longer compute what they did (outputs changed by "
@@ -468,6 +474,7 @@ def prune_or_refuse(
     plan: Mapping[str, Sequence[int]],
     *,
     verify: ExampleInputs | None,
+    compare: bool = True,
     reference: Sequence[torch.Tensor] | None = None,
 ) -> tuple[list[Removal], dict[str, str]]:
     """Prune ``plan``, verified; where that fails, bisect it: prune what passes, refuse the rest.
@@ -482,7 +489,7 @@ def prune_or_refuse(
         if not part:
             return []
         try:
-            return graph.prune(part, verify=verify, reference=reference)
+            return graph.prune(part, verify=verify, compare=compare, reference=reference)
         except PruningError as err:
             if len(part) == 1:
                 text = str(err)

@@ -1,41 +1,133 @@
-"""Per-layer-type knowledge: which dimensions of which tensors a layer's channels run along.
+"""Per-layer-type knowledge, in one table: :data:`LAYERS`.
 
-One table, :data:`LAYER_SLICES`, answers for every layer type the engine resizes: for output
-("producing") channels and for input ("consuming") channels, the tensors, the dimension and the role
-(see :class:`~lightning_prune.structure.types.ParamSlice`). The engine adapter, the dead-channel test,
-the check that a layer carries no tensor we would leave unresized, and :func:`select_layers` read it.
+For every layer type the package resizes, one :class:`LayerType` row answers:
+
+- ``slices``: which dimensions of which tensors its output ("producing") and input ("consuming")
+  channels run along, with their role (see :class:`~lightning_prune.structure.types.ParamSlice`): read
+  by the engine adapter, the dead-channel test and the check that a layer carries no tensor we would
+  leave unresized;
+- ``resize``: the attributes and tensor shapes a layer takes from the shapes of a (shrunk) state dict:
+  read by checkpoint reloading;
+- ``outputs``: how many output channels it has and where they sit in its output tensor: read by the
+  criteria that put gates on layer outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_prune.errors import PruningError
 
 #: Layers whose output channels root a channel group.
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_RMS_NORM: tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
-#: (tensor attribute, dim, role) triples; a callable gets the module.
+Shape = tuple[int, ...]
+#: (tensor attribute, dim, role) triples; role "" marks a tensor with no channel dimension.
 Spec = list[tuple[str, int, str]]
 
 
-def _conv(module: nn.Module, producing: bool) -> Spec:
+class Unresizable(Exception):
+    """A layer cannot take the shapes of a state dict (internal: callers raise a PruningError)."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The shapes a layer's tensors have in a state dict, or in the model where not saved."""
+
+    saved: Mapping[str, Shape]
+    current: Mapping[str, Shape]
+
+    def __call__(self, name: str) -> Shape:
+        """The shape of tensor ``name``: saved if the state dict has it, else the current one."""
+        if name in self.saved:
+            return self.saved[name]
+        if name not in self.current:
+            raise Unresizable(f"it has no `{name}` tensor of its own (is it parametrized?)")
+        return self.current[name]
+
+    def first(self, names: tuple[str, ...]) -> Shape:
+        """The shape of the first of ``names`` in the state dict, else the first the layer has."""
+        for name in names:
+            if name in self.saved:
+                return self.saved[name]
+        return next(self.current[name] for name in names if name in self.current)
+
+
+Resize = Callable[[nn.Module, Shapes], tuple[dict[str, Any], dict[str, Shape]]]
+#: Output channels of a layer, and a function giving their dim in an output tensor.
+Outputs = Callable[[nn.Module], tuple[int, Callable[[torch.Tensor], int]]]
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """What the package knows about one family of layers (one row of :data:`LAYERS`)."""
+
+    types: tuple[type, ...]
+    slices: Callable[[nn.Module, bool], Spec]
+    resize: Resize
+    outputs: Outputs | None = None
+
+
+# -- convolutions -----------------------------------------------------------------------------------------
+def _conv_slices(module: nn.Module, producing: bool) -> Spec:
     w_out, w_in = (1, 0) if module.transposed else (0, 1)
     if producing:
         return [("weight", w_out, "out"), ("bias", 0, "out")]
     return [("weight", w_in, "in")]
 
 
-def _linear(module: nn.Module, producing: bool) -> Spec:
+def _conv_resize(module: nn.Module, shape: Shapes):
+    weight = shape("weight")
+    kernel = tuple(module.kernel_size)
+    if weight[2:] != kernel:
+        raise Unresizable(f"its kernel size {kernel} cannot change")
+    # weight: (out, in / groups, *kernel), or (in, out / groups, *kernel) when transposed
+    lead, per_group = weight[0], weight[1]
+    groups = module.groups
+    if groups > 1 and groups == module.in_channels == module.out_channels:
+        if per_group != 1:
+            raise Unresizable(
+                f"it is depthwise (groups == channels), so weight.shape[1] must stay 1; got {per_group}"
+            )
+        groups = other = lead
+    else:
+        if lead % groups:
+            raise Unresizable(f"weight.shape[0] = {lead} channels cannot be split into its {groups} groups")
+        other = per_group * groups
+    out_channels, in_channels = (other, lead) if module.transposed else (lead, other)
+    attrs = {"in_channels": in_channels, "out_channels": out_channels, "groups": groups}
+    return attrs, {"weight": weight, "bias": (out_channels,)}
+
+
+def _conv_outputs(module: nn.Module):
+    return module.out_channels, lambda out: 1 if out.dim() == 2 + len(module.kernel_size) else 0
+
+
+# -- linear -------------------------------------------------------------------------------------------------
+def _linear_slices(module: nn.Module, producing: bool) -> Spec:
     return [("weight", 0, "out"), ("bias", 0, "out")] if producing else [("weight", 1, "in")]
 
 
-def _norm(module: nn.Module, producing: bool) -> Spec:
-    dim = -1 if isinstance(module, nn.LayerNorm) else 0
+def _linear_resize(module: nn.Module, shape: Shapes):
+    out_features, in_features = shape("weight")
+    attrs = {"in_features": in_features, "out_features": out_features}
+    return attrs, {"weight": (out_features, in_features), "bias": (out_features,)}
+
+
+def _last_dim_outputs(size: Callable[[nn.Module], int]) -> Outputs:
+    return lambda module: (size(module), lambda out: out.dim() - 1)
+
+
+# -- normalization -------------------------------------------------------------------------------------------
+def _norm_slices(module: nn.Module, producing: bool) -> Spec:
+    dim = -1 if isinstance(module, (nn.LayerNorm, *_RMS_NORM)) else 0
     spec = [("weight", dim, "norm"), ("bias", dim, "norm")]
     if getattr(module, "running_mean", None) is not None:
         # Without an affine shift a zero input normalizes to -mean/std: the mean must be 0 too.
@@ -44,31 +136,110 @@ def _norm(module: nn.Module, producing: bool) -> Spec:
     return spec
 
 
-def _prelu(module: nn.Module, producing: bool) -> Spec:
+def _batch_norm_resize(module: nn.Module, shape: Shapes):
+    names = ("weight", "bias", "running_mean", "running_var")
+    (features,) = shape.first(names)
+    return {"num_features": features}, dict.fromkeys(names, (features,))
+
+
+def _group_norm_resize(module: nn.Module, shape: Shapes):
+    (channels,) = shape.first(("weight", "bias"))
+    if channels % module.num_groups:
+        raise Unresizable(
+            f"{channels} channels cannot be split into its num_groups={module.num_groups} groups"
+        )
+    return {"num_channels": channels}, dict.fromkeys(("weight", "bias"), (channels,))
+
+
+def _layer_norm_resize(module: nn.Module, shape: Shapes):
+    normalized = shape.first(("weight", "bias"))
+    return {"normalized_shape": normalized}, dict.fromkeys(("weight", "bias"), normalized)
+
+
+def _channel_first_outputs(size: Callable[[nn.Module], int]) -> Outputs:
+    return lambda module: (size(module), lambda out: 1 if out.dim() > 1 else 0)
+
+
+# -- the rest ---------------------------------------------------------------------------------------------
+def _prelu_slices(module: nn.Module, producing: bool) -> Spec:
     return [("weight", 0, "in")] if module.num_parameters > 1 else [("weight", -1, "")]
 
 
-def _embedding(module: nn.Module, producing: bool) -> Spec:
+def _prelu_resize(module: nn.Module, shape: Shapes):
+    (count,) = shape("weight")
+    return {"num_parameters": count}, {"weight": (count,)}
+
+
+def _embedding_slices(module: nn.Module, producing: bool) -> Spec:
     return [("weight", 1, "out")]
 
 
-#: Layer type -> its tensors along the channels. Dim -1 with role "" marks a tensor with no channel
-#: dimension (kept as it is).
-LAYER_SLICES: tuple[tuple[tuple[type, ...], Callable[[nn.Module, bool], Spec]], ...] = (
-    ((nn.modules.conv._ConvNd,), _conv),
-    ((nn.Linear,), _linear),
-    (_NORMS, _norm),
-    ((nn.PReLU,), _prelu),
-    ((nn.Embedding,), _embedding),
+def _embedding_resize(module: nn.Module, shape: Shapes):
+    count, dim = shape("weight")
+    if module.padding_idx is not None and module.padding_idx >= count:
+        raise Unresizable(f"its padding_idx={module.padding_idx} is beyond {count} embeddings")
+    return {"num_embeddings": count, "embedding_dim": dim}, {"weight": (count, dim)}
+
+
+#: Every layer type the package resizes, most specific first.
+LAYERS: tuple[LayerType, ...] = (
+    LayerType((nn.modules.conv._ConvNd,), _conv_slices, _conv_resize, _conv_outputs),
+    LayerType((nn.Linear,), _linear_slices, _linear_resize, _last_dim_outputs(lambda m: m.out_features)),
+    LayerType(
+        (nn.modules.batchnorm._NormBase,),
+        _norm_slices,
+        _batch_norm_resize,
+        _channel_first_outputs(lambda m: m.num_features),
+    ),
+    LayerType(
+        (nn.GroupNorm,), _norm_slices, _group_norm_resize, _channel_first_outputs(lambda m: m.num_channels)
+    ),
+    LayerType(
+        (nn.LayerNorm, *_RMS_NORM),
+        _norm_slices,
+        _layer_norm_resize,
+        _last_dim_outputs(lambda m: m.normalized_shape[-1]),
+    ),
+    LayerType((nn.PReLU,), _prelu_slices, _prelu_resize),
+    LayerType((nn.Embedding, nn.EmbeddingBag), _embedding_slices, _embedding_resize),
 )
+#: The layer types :data:`LAYERS` covers, in words (for error messages).
+RESIZABLE = (
+    "Conv/ConvTranspose 1d-3d, Linear, BatchNorm/SyncBatchNorm/InstanceNorm, GroupNorm, LayerNorm, "
+    + ("RMSNorm, " if _RMS_NORM else "")
+    + "PReLU, Embedding/EmbeddingBag, and tensors held directly by non-torch modules"
+)
+
+
+def layer_type(module: nn.Module) -> LayerType | None:
+    """The row of :data:`LAYERS` for ``module``, or None for a type the table does not know."""
+    return next((row for row in LAYERS if isinstance(module, row.types)), None)
 
 
 def layer_spec(module: nn.Module, producing: bool) -> Spec | None:
     """The tensors of ``module`` along its channels, or None for a type the table does not know."""
-    for types, spec in LAYER_SLICES:
-        if isinstance(module, types):
-            return [(a, d, r) for a, d, r in spec(module, producing) if getattr(module, a, None) is not None]
-    return None
+    row = layer_type(module)
+    if row is None:
+        return None
+    return [(a, d, r) for a, d, r in row.slices(module, producing) if getattr(module, a, None) is not None]
+
+
+def resize_handler(module: nn.Module) -> Resize | None:
+    """How ``module`` takes the shapes of a state dict, or None for a type the table does not know."""
+    row = layer_type(module)
+    return row.resize if row is not None else None
+
+
+def output_channels(module: nn.Module) -> tuple[int, Callable[[torch.Tensor], int]]:
+    """Output channels of a conv/linear/norm layer, and a function giving their dim in its output.
+
+    Raises:
+        PruningError: For a layer type without output channels in the table.
+    """
+    row = layer_type(module)
+    if row is None or row.outputs is None:
+        raise PruningError(f"{type(module).__name__} has no output channels this package can gate.")
+    return row.outputs(module)
 
 
 def unresized_tensors(module: nn.Module) -> list[str]:

@@ -74,16 +74,16 @@ def shrink(
     go only when dead in every branch. A group that is dead as a whole keeps one channel, so no layer is
     emptied. In eval mode the shrunk model computes the same function as before.
 
-    With ``verify=True`` the outputs are compared after the surgery; if they changed, the surgery is
-    undone and the groups responsible are found by bisection, left in place and listed in
-    ``report.skipped`` with the reason, while the others are shrunk. A model is thus shrunk exactly or
-    left as it was, never left changed.
+    After the surgery the model must still run and keep its output shapes, and with ``verify=True``
+    give the same outputs; otherwise the surgery is undone, the groups responsible are found by
+    bisection, left in place and listed in ``report.skipped`` with the reason, while the others are
+    shrunk. A model is thus shrunk (exactly, when verified) or left as it was, never left broken.
 
     Args:
         model: The model to shrink, in place.
         example_inputs: Inputs for one forward pass (tensor, tuple of positional arguments, or dict).
         frozen: Layers whose output channels must be kept (model outputs are always kept).
-        verify: Compare the outputs before and after (eval mode), as described above.
+        verify: Compare the output values before and after (eval mode), as described above.
         stats: Measure params and MACs before and after (two extra forward passes).
         time_budget: Seconds the channel engine may spend on the graph (see :class:`ChannelGraph`).
 
@@ -125,9 +125,10 @@ def shrink(
                 kept_dead[name] = kept * group.ties
             if dead:
                 plan[name] = dead
-    # Dead channels are zero already: the reference is the model's own output.
+    # Dead channels are zero already: the reference is the model's own output. Without `verify` the
+    # shrunk model must still run and keep its output shapes (no model is ever left broken).
     removals, refused = prune_or_refuse(
-        graph, plan, verify=example_inputs if verify else None, reference=reference
+        graph, plan, verify=graph.example_inputs, compare=verify, reference=reference
     )
     skipped |= {n: f"removing them would change the model: {why}" for n, why in refused.items()}
     done = {n: c for n, c in plan.items() if n not in skipped}
