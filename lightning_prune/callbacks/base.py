@@ -108,6 +108,7 @@ class PruningCallback(Callback):
             "shrunk": self.shrunk,
             "initial": dict(self.initial),
             "tied": dict(self.tied),
+            "refused_groups": dict(self.refused_groups),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -116,6 +117,7 @@ class PruningCallback(Callback):
         self.shrunk = bool(state_dict.get("shrunk", False))
         self.initial = dict(state_dict.get("initial", {}))
         self.tied = dict(state_dict.get("tied", {}))
+        self.refused_groups = dict(state_dict.get("refused_groups", {}))
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

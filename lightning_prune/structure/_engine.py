@@ -133,7 +133,7 @@ class Engine:
         The items for all of its channels, and the items for channel 0 alone: a probe, since both must
         agree on what channel 0 touches.
         """
-        with _deadline(self.budget, self.model, "listing the channel groups"), _one_index_refresh(self._dg):
+        with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(self._dg, None):
             found = []
             for group in self._dg.get_all_groups(root_module_types=root_types):
                 items = self._items(group)
@@ -206,12 +206,12 @@ class Engine:
                 continue
             if not name.startswith(_MIXING):
                 continue
-            sizes = getattr(fn, "_saved_self_sym_sizes", None)
+            sizes = _input_sizes(fn)
             dims = getattr(fn, "_saved_dim", None)
             if sizes is None or dims is None:
                 continue
             dims = [d % len(sizes) if d < _MAX_VALID_DIM else len(sizes) - 1 for d in _as_tuple(dims)]
-            where = _channel_dim(node.inputs[0], len(sizes)) if node.inputs else None
+            where = _channel_dim(node.inputs[0]) if node.inputs else None
             channels = self._channels(node.inputs[0]) if node.inputs else None
             if where is not None:
                 mixes = where in dims
@@ -226,8 +226,12 @@ class Engine:
     def _mark_barriers(self) -> None:
         """Decide, from the recorded shapes, which shape operations keep channels and which do not."""
         ordered = sorted(self.nodes, key=lambda n: _ORDER.get(KIND[n.type], 9))
+        internal = self._linear_internals()
         for node in ordered:
             kind = KIND[node.type]
+            if node in internal:
+                node.type = _OPS.ELEMENTWISE  # part of a linear layer's own computation
+                continue
             if kind == "elementwise" and type(node.grad_fn).__name__.startswith(_FUNCTIONAL_LAYERS):
                 # F.conv2d(x, buffer, groups=C) and the like: weights and groups fixed in the code
                 self.barriers[node] = f"a functional {type(node.grad_fn).__name__.removesuffix('Backward0')}"
@@ -242,6 +246,23 @@ class Engine:
             if reason:
                 self.barriers[node] = reason
                 node.dependencies = []  # the engine's propagation stops here
+
+    def _linear_internals(self) -> set:
+        """The reshape back to (..., out) inside ``nn.Linear`` on a non-contiguous input.
+
+        ``F.linear`` then runs as reshape → ``mm`` → reshape, and the engine sees the second reshape
+        between the ``mm`` and the layer's output: it belongs to the layer, not to the channels' path.
+        """
+        found = set()
+        for node in self.nodes:
+            if KIND[node.type] != "linear" or not node.inputs:
+                continue
+            up = node.inputs[0]
+            if type(up.grad_fn).__name__.startswith(("UnsafeView", "View")) and any(
+                type(i.grad_fn).__name__.startswith("Mm") for i in up.inputs
+            ):
+                found.add(up)
+        return found
 
     def _judge(self, node, kind: str) -> str:
         """How an operation treats the channels.
@@ -270,20 +291,28 @@ class Engine:
         if sizes is None or not outs or channels is None:
             return f"a {name} whose channels cannot be followed"
         if kind in ("split", "unbind", "slice"):
-            if dim is not None and sizes[dim] == channels:
+            where = _channel_dim(inputs[0])
+            along = dim % len(sizes) == where if where is not None and dim is not None else None
+            if along or (along is None and dim is not None and sizes[dim] == channels):
                 return (
                     f"{name} along the channels (sizes fixed in the model's code) of a {list(sizes)} tensor"
                 )
             return ""
-        out = outs[0]
-        if (
-            kind == "reshape"
-            and len(sizes) > 2
-            and len(out) == 2
-            and (out[0], sizes[1], out[1]) == (sizes[0], channels, math.prod(sizes[1:]))
-        ):
+        sizes, out = tuple(sizes), outs[0]
+        where = _channel_dim(inputs[0])
+        if where is None:  # layout unknown: only where exactly one dimension can hold the channels
+            candidates = [d for d, n in enumerate(sizes) if n == channels and (d > 0 or len(sizes) == 1)]
+            if len(candidates) != 1:
+                return f"a {name} from {list(sizes)} to {list(out)} whose channel dimension is ambiguous"
+            where = candidates[0]
+        if sizes[where] != channels:
+            return f"a {name} of a {list(sizes)} tensor whose channels cannot be located"
+        flatten = len(out) == 2 and (out[0], out[1]) == (sizes[0], math.prod(sizes[1:]))
+        if kind == "reshape" and where == 1 and len(sizes) > 2 and flatten:
             return "engine"
-        if _keeps_channels(tuple(sizes), out, channels):
+        if [d for d in sizes if d != 1] == [d for d in out if d != 1] or _follow(
+            sizes, out, where
+        ) is not None:
             return ""
         return f"a {name} from {list(sizes)} to {list(out)} that splits or merges the channel dimension"
 
@@ -298,59 +327,65 @@ _CHANNELS_FIRST = {"conv", "depthwise_conv", "bn", "gn", "in", "prelu"}
 _CHANNELS_LAST = {"linear", "ln", "embed"}
 
 
-def _channel_dim(node, rank: int) -> int | None:
-    """Where the channels are in ``node``'s output (a tensor of ``rank`` dims), or None if unknown.
+def _output_shape(node) -> tuple[int, ...] | None:
+    meta = getattr(node.grad_fn, "_input_metadata", ())
+    return tuple(meta[0].shape) if len(meta) == 1 else None
+
+
+def _channel_dim(node) -> int | None:
+    """Where the channels are in ``node``'s output, or None if that cannot be told.
 
     Walks up to the producing layer (channels at dim 1 behind convolutions and batch norms, last behind
-    linear layers) and replays the permutes and transposes on the way.
+    linear layers and layer norms), then replays the operations on the way down: permutes and
+    transposes move the channel dimension, reshapes that keep it (and everything on one side of it)
+    shift it, element-wise operations keep it; anything else loses it.
     """
-    moves = []
-    while node is not None:
-        kind = KIND[node.type]
-        if kind in _CHANNELS_FIRST or kind in _CHANNELS_LAST:
-            break
-        name = type(node.grad_fn).__name__
-        if name.startswith("Permute"):
-            moves.append(("permute", tuple(node.grad_fn._saved_dims)))
-        elif name.startswith("Transpose"):
-            moves.append(("transpose", (node.grad_fn._saved_dim0, node.grad_fn._saved_dim1)))
-        elif kind != "elementwise" or name.startswith(
-            ("View", "UnsafeView", "Reshape", "Unsqueeze", "Squeeze")
-        ):
-            return None  # a shape change: positions are not followed further
+    chain = []
+    while node is not None and KIND[node.type] not in _CHANNELS_FIRST | _CHANNELS_LAST:
+        chain.append(node)
         node = node.inputs[0] if node.inputs else None
-    if node is None:
+    shape = _output_shape(node) if node is not None else None
+    if shape is None:
         return None
-    dim = 1 if KIND[node.type] in _CHANNELS_FIRST else rank - 1
-    for move, dims in reversed(moves):
-        if move == "permute":
-            dim = [d % rank for d in dims].index(dim)
-        else:
-            a, b = (d % rank for d in dims)
+    dim = 1 if KIND[node.type] in _CHANNELS_FIRST else len(shape) - 1
+    for step in reversed(chain):
+        fn, out = step.grad_fn, _output_shape(step)
+        name = type(fn).__name__
+        if out is None:
+            return None
+        if name.startswith("Permute"):
+            dim = [d % len(out) for d in fn._saved_dims].index(dim)
+        elif name.startswith("Transpose"):
+            a, b = (d % len(out) for d in (fn._saved_dim0, fn._saved_dim1))
             dim = b if dim == a else a if dim == b else dim
+        elif len(out) != len(shape) or name.startswith(("View", "UnsafeView", "Reshape", "Expand")):
+            dim = _follow(shape, out, dim)
+            if dim is None:
+                return None
+        shape = out
     return dim
+
+
+def _follow(before: tuple[int, ...], after: tuple[int, ...], dim: int) -> int | None:
+    """Where dimension ``dim`` goes through a reshape that keeps it and one side of it, else None."""
+    if before[: dim + 1] == after[: dim + 1]:
+        return dim
+    tail = len(before) - dim
+    if len(after) >= tail and before[dim:] == after[len(after) - tail :]:
+        return len(after) - tail
+    return None
+
+
+def _input_sizes(fn) -> tuple[int, ...] | None:
+    """The input shape an autograd node saved: its sizes, or the input itself (var, std, norm)."""
+    sizes = getattr(fn, "_saved_self_sym_sizes", None)
+    if sizes is None and isinstance(getattr(fn, "_saved_self", None), torch.Tensor):
+        sizes = tuple(fn._saved_self.shape)
+    return sizes
 
 
 def _as_tuple(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value,)
-
-
-def _keeps_channels(before: tuple[int, ...], after: tuple[int, ...], channels: int) -> bool:
-    """Whether a dimension of size ``channels`` and everything on one side of it is unchanged.
-
-    Dimensions of size 1 added or removed (``unsqueeze``, ``view(1, C, 1, 1)``) do not count.
-    """
-    if [d for d in before if d != 1] == [d for d in after if d != 1]:
-        return True
-    for d, size in enumerate(before):
-        if size != channels or (d == 0 and len(before) > 1):  # dim 0 of an activation is the batch
-            continue
-        if before[: d + 1] == after[: d + 1]:
-            return True
-        tail = len(before) - d
-        if len(after) >= tail and before[d:] == after[len(after) - tail :]:
-            return True
-    return False
 
 
 _REFRESH = {
@@ -365,25 +400,13 @@ _REFRESH = {
 
 @contextlib.contextmanager
 def _refresh_only(dg, stale: set | None) -> Iterator[None]:
-    """While building one group: refresh the index mappings of ``stale`` nodes only (all if None)."""
+    """Refresh the index mappings of ``stale`` nodes (all if None), then keep them while groups are built."""
     refresh = _index_mapping.update_index_mapping
     if stale is None:
         refresh(dg)
     else:
         for node in stale:
             _REFRESH[node.type](dg, node)
-    _index_mapping.update_index_mapping = lambda graph: None
-    try:
-        yield
-    finally:
-        _index_mapping.update_index_mapping = refresh
-
-
-@contextlib.contextmanager
-def _one_index_refresh(dg) -> Iterator[None]:
-    """Refresh the engine's index mappings once, then keep them while several groups are built."""
-    refresh = _index_mapping.update_index_mapping
-    refresh(dg)
     _index_mapping.update_index_mapping = lambda graph: None
     try:
         yield
@@ -399,7 +422,7 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
         and hasattr(signal, "setitimer")
         and threading.current_thread() is threading.main_thread()
     )
-    previous = None
+    previous, outer = None, (0.0, 0.0)
     start = time.monotonic()
     if use_alarm:
 
@@ -407,7 +430,7 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
             raise BudgetExceeded
 
         previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        outer = signal.setitimer(signal.ITIMER_REAL, seconds)  # a caller's timer, put back afterwards
     try:
         with torch.enable_grad():
             yield
@@ -428,3 +451,7 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            if outer[0] > 0:  # what was left of it, at least a moment so that it still fires
+                signal.setitimer(
+                    signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - start), 1e-3), outer[1]
+                )

@@ -42,6 +42,9 @@ class HeadLayout:
         columns: Input columns of ``consumer`` per unit.
         count_attrs: Attributes of the attention module (dotted, relative to it) holding
             ``units × factor``: they are set to ``kept × factor``.
+        shared: Submodules (relative to the attention module) whose tensors do not depend on the heads:
+            norms over one head's dimension, the norm after the output projection. A tensor anywhere
+            else in the module refuses the group (relative-position tables, per-head norms, gates).
     """
 
     module: str
@@ -51,11 +54,17 @@ class HeadLayout:
     consumer: str
     columns: int
     count_attrs: dict[str, int]
+    shared: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         """The group's name: ``<attention module>.heads``."""
         return f"{self.module}.heads" if self.module else "heads"
+
+
+def _at(name: str) -> str:
+    """``name.`` for a submodule path, nothing for the model itself."""
+    return f"{name}." if name else ""
 
 
 def _linear(module: nn.Module, attr: str) -> nn.Linear | None:
@@ -75,7 +84,8 @@ def _timm(name: str, m: nn.Module) -> HeadLayout | None:
     if qkv.out_features != 3 * heads * dim or proj.in_features != heads * dim:
         return None
     counts = {"num_heads": 1} | ({"attn_dim": dim} if getattr(m, "attn_dim", None) == heads * dim else {})
-    return HeadLayout(name, heads, dim, {f"{name}.qkv": (3, dim)}, f"{name}.proj", dim, counts)
+    producers = {f"{_at(name)}qkv": (3, dim)}
+    return HeadLayout(name, heads, dim, producers, f"{_at(name)}proj", dim, counts, ("q_norm", "k_norm"))
 
 
 def _bert(name: str, m: nn.Module) -> HeadLayout | None:
@@ -90,9 +100,11 @@ def _bert(name: str, m: nn.Module) -> HeadLayout | None:
         return None
     if {q.out_features, k.out_features, v.out_features, out.in_features} != {heads * dim}:
         return None
-    producers = {f"{name}.{part}.{p}": (1, dim) for p in ("query", "key", "value")}
+    producers = {f"{_at(name)}{part}.{p}": (1, dim) for p in ("query", "key", "value")}
     counts = {f"{part}.num_attention_heads": 1, f"{part}.all_head_size": dim}
-    return HeadLayout(name, heads, dim, producers, f"{name}.output.dense", dim, counts)
+    return HeadLayout(
+        name, heads, dim, producers, f"{_at(name)}output.dense", dim, counts, ("output.LayerNorm",)
+    )
 
 
 def _llama(name: str, m: nn.Module) -> HeadLayout | None:
@@ -110,10 +122,16 @@ def _llama(name: str, m: nn.Module) -> HeadLayout | None:
         or o.in_features != q.out_features
     ):
         return None
-    producers = {f"{name}.q_proj": (1, groups * dim), f"{name}.k_proj": (1, dim), f"{name}.v_proj": (1, dim)}
+    producers = {
+        f"{_at(name)}q_proj": (1, groups * dim),
+        f"{_at(name)}k_proj": (1, dim),
+        f"{_at(name)}v_proj": (1, dim),
+    }
     known = (("num_heads", groups), ("num_attention_heads", groups), ("num_key_value_heads", 1))
     counts = {a: f for a, f in known if isinstance(getattr(m, a, None), int)}
-    return HeadLayout(name, units, dim, producers, f"{name}.o_proj", groups * dim, counts)
+    return HeadLayout(
+        name, units, dim, producers, f"{_at(name)}o_proj", groups * dim, counts, ("q_norm", "k_norm")
+    )
 
 
 #: Recognisers, tried in order on every module.
@@ -149,6 +167,10 @@ def head_group(model: nn.Module, layout: HeadLayout, frozen: set[str], reached: 
     cols = torch.arange(layout.units * layout.columns)
     slices.append(ParamSlice(f"{layout.consumer}.weight", 1, cols, cols // layout.columns, "in"))
     layers = [*layout.producers, layout.consumer]
+    if layout.name in frozen:
+        reasons.append(f"{layout.name} is frozen (excluded, or refused earlier)")
+    if state := per_head_state(model, layout):
+        reasons.append(f"{layout.module} holds tensors the head surgery would not resize: {state}")
     for layer in layers:
         if layer in frozen and layer in layout.producers:
             reasons.append(f"{layer} is frozen (it produces a model output or was excluded)")
@@ -169,6 +191,27 @@ def head_group(model: nn.Module, layout: HeadLayout, frozen: set[str], reached: 
         exact=True,
         ties=layout.head_dim,
     )
+
+
+def per_head_state(model: nn.Module, layout: HeadLayout) -> list[str]:
+    """Tensors of the attention module that could depend on the heads: head removal is then unsafe.
+
+    Anything outside the projections and ``layout.shared`` counts (relative-position tables, per-head
+    norms, gates); a shared norm over one head's dimension (``q_norm``/``k_norm``) must hold ``head_dim``
+    entries.
+    """
+    attention = model.get_submodule(layout.module)
+    prefix = _at(layout.module)
+    own = {layer.removeprefix(prefix) for layer in [*layout.producers, layout.consumer]}
+    found = []
+    for name, tensor in [*attention.named_parameters(), *attention.named_buffers()]:
+        owner = name.rpartition(".")[0]
+        if owner in own:
+            continue
+        if owner in layout.shared and (not owner.endswith("_norm") or tensor.numel() == layout.head_dim):
+            continue
+        found.append(name)
+    return found
 
 
 def remove_units(

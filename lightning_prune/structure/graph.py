@@ -215,9 +215,13 @@ class ChannelGraph:
                 with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
                     reference = eval_outputs(self.model, verify)
         snapshot = _Snapshot(self.model)
+        aliases = self._aliases
+        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         try:
             done = self._surgery(plan)
-            _retie(self.model, self._aliases)
+            _retie(self.model, aliases)
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                param.requires_grad_(name not in frozen)  # the engine makes every new tensor trainable
             if verify is not None:
                 try:
                     outputs = eval_outputs(self.model, verify)
@@ -272,7 +276,7 @@ class ChannelGraph:
         done: list[Removal] = []
         heads = [(g, idx) for g, idx in plan if g.name in self._heads]
         for group, idx in heads:  # our own surgery: the engine refuses the projections' channels
-            done += remove_units(self.model, self._heads[group.name], group, idx)
+            done += _dedupe(remove_units(self.model, self._heads[group.name], group, idx), self._aliases)
         if heads:
             plan = [(g, idx) for g, idx in plan if g.name not in self._heads]
             self._build()  # the engine's records of the projections are stale now
@@ -281,9 +285,14 @@ class ChannelGraph:
             root = self._roots[group.name]
             stride = self._engine.out_channels(root) // group.ties
             channels = sorted(c + k * stride for c in idx for k in range(group.ties))
-            for item in self._engine.prune(root, channels):
-                done += [Removal(s.param, s.dim, s.positions) for s in self._slices_of(item, stride)]
-        return _dedupe(done, self._aliases)
+            items = self._engine.prune(root, channels)
+            # One group cuts each entry once (tied names and repeated items are one cut); two groups may
+            # cut the same positions of a tensor one after the other, and both cuts are real.
+            done += _dedupe(
+                [Removal(s.param, s.dim, s.positions) for i in items for s in self._slices_of(i, stride)],
+                self._aliases,
+            )
+        return done
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         model = self.model
@@ -615,19 +624,25 @@ class _zeroed:
 
 
 class _modes_and_buffers_kept:
-    """Context: the model's train/eval modes and buffer values are put back afterwards."""
+    """Context: modes and buffer values put back, forward hooks added meanwhile removed.
+
+    The engine adds forward hooks while tracing and leaves them behind when the forward fails.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def __enter__(self):
         self.modes = {m: m.training for m in self.model.modules()}
+        self.hooks = {m: set(m._forward_hooks) for m in self.model.modules()}
         self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         return self
 
     def __exit__(self, *exc):
         for m, mode in self.modes.items():
             m.training = mode
+            for key in set(m._forward_hooks) - self.hooks[m]:
+                del m._forward_hooks[key]
         with torch.no_grad():
             for name, b in self.model.named_buffers():
                 if name in self.buffers and b.shape == self.buffers[name].shape:

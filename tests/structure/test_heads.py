@@ -121,14 +121,17 @@ class TiedCausalLM(CausalLM):
 def test_structured_snip_prunes_heads_of_a_tied_lm_and_the_checkpoint_reloads(tmp_path):
     pl.seed_everything(0)
     module = TiedCausalLM()
-    pruner = SNIPCallback(limit=0.4, structured=True)
+    # Only the attention projections are selected: the head groups are what there is to prune.
+    pruner = SNIPCallback(limit=0.5, structured=True, include=["model.model.layers.*.self_attn.*"])
     trainer(tmp_path, [pruner], max_steps=2).fit(module)
     hf = module.model
     assert hf.lm_head.weight is hf.get_input_embeddings().weight
-    heads = [layer.self_attn for layer in hf.model.layers]
-    assert any(a.k_proj.out_features < 16 for a in heads) or any(
-        layer.mlp.gate_proj.out_features < 64 for layer in hf.model.layers
-    )
+    attention = [layer.self_attn for layer in hf.model.layers]
+    kept = [a.k_proj.out_features // a.head_dim for a in attention]
+    assert sum(kept) == 2 and min(kept) >= 1  # half of the 4 key/value heads (2 per layer) are gone
+    for a, units in zip(attention, kept, strict=True):
+        assert a.q_proj.out_features == units * 2 * a.head_dim == a.o_proj.in_features
+    assert all(layer.mlp.gate_proj.out_features == 64 for layer in hf.model.layers)
     path = tmp_path / "lm.pt"
     torch.save({"state_dict": module.state_dict()}, path)
     state = torch.load(path, weights_only=True)["state_dict"]
