@@ -104,6 +104,7 @@ class Engine:
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
         self.output_shapes = [t.shape for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
+        self._listed: dict[nn.Module, Any] = {}  # root -> the engine's group with all its channels
         self.mixing = self._channel_mixing()
         self.budget = budget
 
@@ -137,6 +138,7 @@ class Engine:
             found = []
             for group in self._dg.get_all_groups(root_module_types=root_types):
                 items = self._items(group)
+                self._listed[items[0].module] = group
                 found.append((items, self._items(self._group(items[0].module, [0]))))
             return found
 
@@ -150,6 +152,19 @@ class Engine:
         Index mappings are refreshed before the group is built, for the nodes earlier prunes touched
         (all of them on the first call): one refresh per pruned group, of what changed.
         """
+        listed = self._listed.get(root)
+        if listed is not None and all(e.dep.target.type not in _PROPAGATED for e in listed):
+            # No index mapping between its layers: the listed group, cut down to these channels, is
+            # the group the engine would build again (other groups' prunes cannot move its entries).
+            chosen = set(channels)
+            entries = []
+            for e in listed:
+                keep = [(i, r) for i, r in zip(e.idxs, e.root_idxs, strict=True) if r in chosen]
+                if keep:
+                    entries.append((e.dep, [i for i, _ in keep], [r for _, r in keep]))
+            for dep, idxs, _ in entries:
+                dep(idxs)
+            return [self._item(dep, idxs, roots) for dep, idxs, roots in entries]
         with _refresh_only(self._dg, self._stale):
             group = self._group(root, channels)
         items = self._items(group)
@@ -163,26 +178,25 @@ class Engine:
         return self._dg.get_pruning_group(root, pruner.prune_out_channels, channels)
 
     def _items(self, group) -> list[Item]:
-        items = []
-        for entry in group:
-            target = entry.dep.target
-            kind = KIND[target.type]
-            if kind in ("conv", "linear"):
-                producing = entry.dep.handler.__name__.startswith("prune_out")
-            else:
-                producing = kind in ("depthwise_conv", "embed", "parameter")
-            items.append(
-                Item(
-                    node=target,
-                    module=target.module,
-                    kind=kind,
-                    producing=producing,
-                    idxs=list(entry.idxs),
-                    root_idxs=list(entry.root_idxs),
-                    pruning_dim=getattr(target, "pruning_dim", None),
-                )
-            )
-        return items
+        return [self._item(e.dep, list(e.idxs), list(e.root_idxs)) for e in group]
+
+    @staticmethod
+    def _item(dep, idxs: list[int], root_idxs: list[int]) -> Item:
+        target = dep.target
+        kind = KIND[target.type]
+        if kind in ("conv", "linear"):
+            producing = dep.handler.__name__.startswith("prune_out")
+        else:
+            producing = kind in ("depthwise_conv", "embed", "parameter")
+        return Item(
+            node=target,
+            module=target.module,
+            kind=kind,
+            producing=producing,
+            idxs=idxs,
+            root_idxs=root_idxs,
+            pruning_dim=getattr(target, "pruning_dim", None),
+        )
 
     def _channels(self, node) -> int | None:
         with warnings.catch_warnings():
@@ -388,6 +402,10 @@ def _as_tuple(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value,)
 
 
+#: Nodes whose index mapping depends on other groups' channel counts (offsets into concatenations and
+#: splits), and free parameters (replaced by the engine's own group pruning). The reshapes left as the
+#: engine's are flattens, whose stride (the spatial size) no prune changes.
+_PROPAGATED = {_OPS.CONCAT, _OPS.SPLIT, _OPS.UNBIND, _OPS.EXPAND, _OPS.SLICE, _OPS.PARAMETER}
 _REFRESH = {
     _OPS.CONCAT: _index_mapping.update_concat_index_mapping,
     _OPS.SPLIT: _index_mapping.update_split_index_mapping,
