@@ -270,10 +270,7 @@ class IterativeSNIPCallback(PruningCallback):
         if self.structured:
             graph = self._graph(trainer, pl_module)
             if not any(g.prunable and g.size > 1 for g in graph.groups):
-                raise PruningError(
-                    f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
-                    "(layers producing the model output and excluded layers are kept whole)."
-                )
+                raise _nothing_prunable(owner, pl_module, graph)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Warn if training stopped before the schedule was done."""
@@ -394,10 +391,7 @@ class IterativeSNIPCallback(PruningCallback):
         groups = [g for g in graph.groups if g.prunable and g.size > 1]
         if not groups:
             if self.step == 0:
-                raise PruningError(
-                    f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
-                    f"(layers producing the model output and excluded layers are kept whole)."
-                )
+                raise _nothing_prunable(owner, pl_module, graph)
             return
         inputs = ScoringInputs(pl_module, {}, inputs.losses, groups, inputs.generator)
         scores = self._checked(self.criterion.node_scores(inputs), {g.name: (g.size,) for g in groups})
@@ -504,3 +498,10 @@ class SNAPit(IterativeSNIPCallback):
             include=include,
             exclude=exclude,
         )
+
+
+def _nothing_prunable(owner: str, pl_module: pl.LightningModule, graph: ChannelGraph) -> PruningError:
+    return PruningError(
+        f"{owner}(structured=True): no channel group of {type(pl_module).__name__} can be pruned "
+        f"(layers producing the model output and excluded layers are kept whole). {graph.refusals()}."
+    )

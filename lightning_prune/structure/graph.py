@@ -148,6 +148,28 @@ class ChannelGraph:
                 return g
         raise PruningError(f"No channel group is rooted at {name!r}. Roots: {', '.join(groups) or 'none'}.")
 
+    def refusals(self) -> str:
+        """Why groups are refused, most common reasons first, and the layers no group can resize.
+
+        For error messages such as "nothing can be pruned": e.g. ``"3 groups: a View from [...] that
+        splits or merges the channel dimension; layers the engine cannot resize: Conv1D ×8"``.
+        """
+        counts: dict[str, int] = {}
+        for g in self.groups:
+            if not g.prunable:
+                for reason in g.reason.split("; "):
+                    counts[reason] = counts.get(reason, 0) + 1
+        parts = [f"{n} group(s): {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3]]
+        unknown: dict[str, int] = {}
+        for m in self.model.modules():
+            weight = m._parameters.get("weight")
+            if weight is not None and weight.dim() >= 2 and layer_spec(m, True) is None:
+                unknown[type(m).__name__] = unknown.get(type(m).__name__, 0) + 1
+        if unknown:
+            listed = ", ".join(f"{k} ×{v}" for k, v in unknown.items())
+            parts.append(f"layers of types the engine cannot resize: {listed}")
+        return "; ".join(parts) or "no group at all"
+
     def dead_channels(self) -> dict[str, list[int]]:
         """Channels whose every producing parameter is exactly zero, per prunable group.
 

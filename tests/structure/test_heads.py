@@ -140,3 +140,11 @@ def test_structured_snip_prunes_heads_of_a_tied_lm_and_the_checkpoint_reloads(tm
     assert fresh.model.lm_head.weight is fresh.model.get_input_embeddings().weight
     module.eval()
     torch.testing.assert_close(eval_outputs(fresh, IDS), eval_outputs(module, IDS))
+
+
+def test_layers_the_engine_cannot_resize_are_named_when_nothing_is_prunable():
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model = Logits(transformers.GPT2LMHeadModel(config)).eval()
+    graph = ChannelGraph(model, IDS)
+    assert not any(g.prunable for g in graph.groups)
+    assert "layers of types the engine cannot resize: Conv1D ×8" in graph.refusals()
