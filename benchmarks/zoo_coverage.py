@@ -36,33 +36,10 @@ FRACTION = 0.3
 MEMORY_GB = 16.0
 
 # Why a family fails, for the page (the raw error is shown as well). A key lists name prefixes; the
-# first key with a matching prefix applies.
-EXPLANATIONS = {
-    "shufflenet_v2": (
-        "Channel shuffle (`view(n, 2, c/2, h, w)` → `transpose(1, 2)` → `view(n, c, h, w)`) "
-        "permutes channels across the concatenation of the two branches. Torch-Pruning maps "
-        "channels through a reshape by comparing channel counts it infers along the graph; "
-        "around the shuffle (and the `chunk` behind it, whose sizes Torch-Pruning 1.6 cannot "
-        "read from PyTorch ≥ 2 and infers through the shuffle) the inferred count is 0 and "
-        "tracing fails with ZeroDivisionError."
-    ),
-    "swin_s swin_b": (
-        "Tracing fails before the partition reshapes are reached (see Swin below): patch merging "
-        "concatenates on dim -1, which PyTorch saves as 2**64 - 1; Torch-Pruning takes that for a "
-        "channel concatenation, its recursive channel inference returns None for the inputs "
-        "and `sum()` fails (TypeError)."
-    ),
-    "swin": (
-        "Window partition and attention-head reshapes (`(B, H, W, C)` → `(B, H/7, 7, W/7, 7, C)`, "
-        "`(B·nW, N, heads, C/heads)` → `(B·nW, N, C)`) are misread as flattening, and "
-        "Torch-Pruning's flatten index mapping multiplies the index lists at every block: "
-        "building the first group needs tens of GB (MemoryError under the limit)."
-    ),
-    "maxvit": (
-        "Block/grid partition reshapes (rank 6) are misread as flattening, as in Swin: the "
-        "index lists of the first group grow to tens of GB (MemoryError under the limit)."
-    ),
-}
+# first key with a matching prefix applies. Empty since the engine checks shape operations itself:
+# ShuffleNetV2's channel shuffle, Swin's window partitions and patch merging and MaxViT's partitions,
+# which Torch-Pruning misread, now shrink exactly (docs/exactness.md).
+EXPLANATIONS: dict[str, str] = {}
 
 NOTES = """\
 ## Reading the table
