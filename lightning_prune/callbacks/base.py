@@ -32,7 +32,8 @@ from lightning_prune._params import aliases, canonical_names, layer_weights
 from lightning_prune.callbacks._optim import OptimizerSnapshot
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
-from lightning_prune.structure import ROOT_TYPES, ChannelGraph, Removal, prune_or_refuse, select_layers
+from lightning_prune.structure import ChannelGraph, Removal, prune_or_refuse, select_layers
+from lightning_prune.structure.layers import is_root, output_channels
 
 
 class PruningCallback(Callback):
@@ -492,8 +493,8 @@ def _node_count(module: nn.Module, layers: Sequence[str]) -> int:
     total = 0
     for name in layers:
         layer = module.get_submodule(name)
-        if isinstance(layer, ROOT_TYPES):
-            total += layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+        if is_root(layer):
+            total += output_channels(layer)[0]
     return total
 
 

@@ -16,7 +16,8 @@ from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
 from lightning_prune.schedules import snipit_schedule
 from lightning_prune.stats import model_stats
-from lightning_prune.structure import ROOT_TYPES, ChannelGraph, Removal, lowest_channels, node_weights
+from lightning_prune.structure import ChannelGraph, Removal, lowest_channels, node_weights
+from lightning_prune.structure.layers import is_root
 
 WHEN = ("before", "during")
 
@@ -376,7 +377,7 @@ class IterativeSNIPCallback(PruningCallback):
     def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
         """The channel groups of the module, with every conv/linear layer not selected kept whole."""
         selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if isinstance(m, ROOT_TYPES) and n not in selected]
+        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
         frozen += list(self.refused_groups)
         return ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
 

@@ -17,7 +17,8 @@ from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.iterative import check_limit
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
-from lightning_prune.structure import ROOT_TYPES, ChannelGraph, ChannelGroup, lowest_channels, select_layers
+from lightning_prune.structure import ChannelGraph, ChannelGroup, lowest_channels, select_layers
+from lightning_prune.structure.layers import is_root
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 AGGREGATES = ("max", "mean", "sum")
@@ -187,7 +188,7 @@ class SlimmingL1Callback(PruningCallback):
         """Select the norm layers (``configure_model`` has built them by now); check pruning can happen."""
         self._detach_resize()
         self._select_norms(pl_module)
-        self._layers = [n for n, m in pl_module.named_modules() if isinstance(m, ROOT_TYPES)]
+        self._layers = [n for n, m in pl_module.named_modules() if is_root(m)]
         if self.limit is not None and not self.pruned:
             graph = ChannelGraph(pl_module, self.example_inputs(trainer, pl_module))
             if not self._scores(graph, pl_module):

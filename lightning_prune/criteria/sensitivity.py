@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_prune.criteria.registry import Criterion, ScoringInputs, register_criterion
-from lightning_prune.structure import ROOT_TYPES, ChannelGroup
-from lightning_prune.structure.layers import output_channels
+from lightning_prune.structure import ChannelGroup
+from lightning_prune.structure.layers import is_root, output_channels
 
 
 def connection_sensitivity(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def producer_weights(module: nn.Module, groups: Iterable[ChannelGroup]) -> dict[
     for g in groups:
         for p in g.producers:
             layer = module.get_submodule(p)
-            if isinstance(layer, ROOT_TYPES):
+            if is_root(layer):
                 found[f"{p}.weight"] = layer.weight
     return found
 

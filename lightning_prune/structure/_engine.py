@@ -39,11 +39,12 @@ from torch_pruning.dependency import shape_infer as _shape_infer
 
 from lightning_prune._inputs import ExampleInputs, call_model, flatten_outputs
 from lightning_prune.errors import PruningError
+from lightning_prune.structure.layers import is_conv1d
 
 _OPS = tp.ops.OPTYPE
 KIND = {op: op.name.lower() for op in _OPS}
 #: Node kinds whose output channels are not their input channels: channel information stops there.
-CHANNEL_CHANGING = {"conv", "linear", "embed", "mha", "lstm"}
+CHANNEL_CHANGING = {"conv", "linear", "embed", "mha", "lstm", "customized"}
 _MAX_VALID_DIM = 1 << 32  # PyTorch saves dim=-1 as 2**64 - 1
 
 
@@ -91,6 +92,8 @@ class Engine:
         dg = tp.DependencyGraph()
         dg.verbose = False
         dg.model = model
+        for layer_type in {type(m) for m in model.modules() if is_conv1d(m)}:
+            dg.register_customized_layer(layer_type, _Conv1DPruner())
         dg._module2name = {m: n for n, m in model.named_modules()}
         dg.ignored_params = []
         with _deadline(budget, model, "tracing"):
@@ -184,7 +187,7 @@ class Engine:
     def _item(dep, idxs: list[int], root_idxs: list[int]) -> Item:
         target = dep.target
         kind = KIND[target.type]
-        if kind in ("conv", "linear"):
+        if kind in ("conv", "linear", "customized"):
             producing = dep.handler.__name__.startswith("prune_out")
         else:
             producing = kind in ("depthwise_conv", "embed", "parameter")
@@ -338,7 +341,7 @@ _ORDER = {"split": 0, "unbind": 0, "slice": 0, "concat": 1, "reshape": 2, "expan
 
 
 _CHANNELS_FIRST = {"conv", "depthwise_conv", "bn", "gn", "in", "prelu"}
-_CHANNELS_LAST = {"linear", "ln", "embed"}
+_CHANNELS_LAST = {"linear", "ln", "embed", "customized"}
 
 
 def _output_shape(node) -> tuple[int, ...] | None:
@@ -473,3 +476,29 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
                 signal.setitimer(
                     signal.ITIMER_REAL, max(outer[0] - (time.monotonic() - start), 1e-3), outer[1]
                 )
+
+
+class _Conv1DPruner(tp.pruner.function.BasePruningFunc):
+    """Surgery for transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored (in, out)."""
+
+    TARGET_MODULES = None
+
+    def prune_out_channels(self, layer: nn.Module, idxs):
+        keep = sorted(set(range(layer.nf)) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs):
+        keep = sorted(set(range(layer.weight.shape[0])) - set(idxs))
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.nf
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]

@@ -9,6 +9,8 @@ module recognises the common attention layouts by their attributes (no import of
 - Hugging Face BERT/RoBERTa/ViT-style ``…Attention`` (``self.query/key/value`` or
   ``attention.query/key/value``, ``output.dense``,
   ``num_attention_heads``, ``attention_head_size``, ``all_head_size``);
+- Hugging Face GPT-2 attention (``c_attn``/``c_proj`` ``Conv1D``, ``num_heads``, ``head_dim``,
+  ``split_size``);
 - Hugging Face LLaMA-style attention (``q_proj/k_proj/v_proj/o_proj``, ``head_dim``, optionally
   ``num_key_value_groups``: LLaMA, Mistral, Qwen2, ViT in transformers 5), where a unit is one
   key/value head with the query heads that share it, so grouped-query attention stays consistent.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_prune.structure.layers import unresized_tensors
+from lightning_prune.structure.layers import Shapes, is_conv1d, layer_spec, resize_handler, unresized_tensors
 from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
 
 
@@ -134,8 +136,21 @@ def _llama(name: str, m: nn.Module) -> HeadLayout | None:
     )
 
 
+def _gpt2(name: str, m: nn.Module) -> HeadLayout | None:
+    qkv, proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    heads, dim, split = (getattr(m, a, None) for a in ("num_heads", "head_dim", "split_size"))
+    if not (qkv is not None and is_conv1d(qkv) and proj is not None and is_conv1d(proj)):
+        return None
+    if not all(isinstance(v, int) for v in (heads, dim, split)) or hasattr(m, "q_attn"):
+        return None  # cross-attention (q_attn) keeps its own layout
+    if split != heads * dim or qkv.nf != 3 * split or proj.weight.shape[0] != split:
+        return None
+    counts = {"num_heads": 1, "split_size": dim}
+    return HeadLayout(name, heads, dim, {f"{_at(name)}c_attn": (3, dim)}, f"{_at(name)}c_proj", dim, counts)
+
+
 #: Recognisers, tried in order on every module.
-LAYOUTS: tuple[Callable[[str, nn.Module], HeadLayout | None], ...] = (_timm, _bert, _llama)
+LAYOUTS: tuple[Callable[[str, nn.Module], HeadLayout | None], ...] = (_timm, _bert, _llama, _gpt2)
 
 
 def find_heads(model: nn.Module) -> list[HeadLayout]:
@@ -162,10 +177,11 @@ def head_group(model: nn.Module, layout: HeadLayout, frozen: set[str], reached: 
         within = units.repeat_interleave(rows) * rows + torch.arange(rows).repeat(layout.units)
         positions = torch.cat([b * width + within for b in range(blocks)])
         channels = units.repeat_interleave(rows).repeat(blocks)
-        params = ["weight"] + (["bias"] if model.get_submodule(layer).bias is not None else [])
-        slices += [ParamSlice(f"{layer}.{p}", 0, positions, channels, "out") for p in params]
+        for attr, dim, role in layer_spec(model.get_submodule(layer), True) or []:
+            slices.append(ParamSlice(f"{layer}.{attr}", dim, positions, channels, role))
     cols = torch.arange(layout.units * layout.columns)
-    slices.append(ParamSlice(f"{layout.consumer}.weight", 1, cols, cols // layout.columns, "in"))
+    for attr, dim, role in layer_spec(model.get_submodule(layout.consumer), False) or []:
+        slices.append(ParamSlice(f"{layout.consumer}.{attr}", dim, cols, cols // layout.columns, role))
     layers = [*layout.producers, layout.consumer]
     if layout.name in frozen:
         reasons.append(f"{layout.name} is frozen (excluded, or refused earlier)")
@@ -230,11 +246,12 @@ def remove_units(
         removal = Removal(s.param, s.dim, index)
         setattr(owner, attr, nn.Parameter(removal.apply(tensor.detach()), requires_grad=tensor.requires_grad))
         done.append(removal)
-    for layer in layout.producers:
-        linear = model.get_submodule(layer)
-        linear.out_features = linear.weight.shape[0]
-    consumer = model.get_submodule(layout.consumer)
-    consumer.in_features = consumer.weight.shape[1]
+    for layer in [*layout.producers, layout.consumer]:  # out_features, in_features, nf, ... from the shapes
+        module = model.get_submodule(layer)
+        current = {n: tuple(t.shape) for n, t in module.named_parameters(recurse=False)}
+        attrs, _ = resize_handler(module)(module, Shapes({}, current))
+        for attr, value in attrs.items():
+            setattr(module, attr, value)
     kept = layout.units - len(gone)
     attention = model.get_submodule(layout.module)
     for path, factor in layout.count_attrs.items():
@@ -291,4 +308,13 @@ def _llama_counts(m: nn.Module):
     return [(m, a, v) for a, v in values.items() if isinstance(getattr(m, a, None), int)]
 
 
-_COUNTS = (_timm_counts, _bert_counts, _llama_counts)
+def _gpt2_counts(m: nn.Module):
+    qkv, dim = getattr(m, "c_attn", None), getattr(m, "head_dim", None)
+    if not (qkv is not None and is_conv1d(qkv) and isinstance(dim, int)) or hasattr(m, "q_attn"):
+        return None
+    if not isinstance(getattr(m, "split_size", None), int):
+        return None
+    return [(m, "num_heads", qkv.nf // 3 // dim), (m, "split_size", qkv.nf // 3)]
+
+
+_COUNTS = (_timm_counts, _bert_counts, _llama_counts, _gpt2_counts)

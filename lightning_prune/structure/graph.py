@@ -21,7 +21,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.stats import _mha_fastpath_disabled
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
-from lightning_prune.structure.layers import ROOT_TYPES, layer_spec, unresized_tensors
+from lightning_prune.structure.layers import ROOT_TYPES, is_conv1d, is_root, layer_spec, unresized_tensors
 from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
 
 #: Seconds tracing or listing the groups of one model may take before the model is refused.
@@ -82,7 +82,7 @@ class ChannelGraph:
                 f"`ChannelGraph(time_budget={time_budget!r})` is invalid: `time_budget` must be a number of "
                 "seconds > 0, or None for no limit."
             )
-        if not any(isinstance(m, ROOT_TYPES) for m in model.modules()):
+        if not any(is_root(m) for m in model.modules()):
             raise PruningError(
                 f"{type(model).__name__} has nothing to prune: it contains no Conv or Linear layer."
             )
@@ -119,7 +119,8 @@ class ChannelGraph:
         """Every channel group, named after its first producing conv/linear layer, in model order."""
         if self._groups is None:
             self._shape_cache = None
-            found = [self._describe(items, probe) for items, probe in self._engine.groups(ROOT_TYPES)]
+            roots = ROOT_TYPES + tuple({type(m) for m in self.model.modules() if is_conv1d(m)})
+            found = [self._describe(items, probe) for items, probe in self._engine.groups(roots)]
             reached = {self._names[n.module] for n in self._engine.nodes if n.module in self._names}
             self._heads = {h.name: h for h in find_heads(self.model)}
             found += [head_group(self.model, h, self._frozen, reached) for h in self._heads.values()]
@@ -442,7 +443,7 @@ class ChannelGraph:
         size = channels // ties
         # Name the group after its first producing conv/linear layer in model order.
         name = min(
-            (p for p in producers if isinstance(self._modules_by_name.get(p), ROOT_TYPES)),
+            (p for p in producers if p in self._modules_by_name and is_root(self._modules_by_name[p])),
             key=self._order.__getitem__,
             default=self._names[root],
         )

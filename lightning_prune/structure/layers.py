@@ -67,12 +67,21 @@ Outputs = Callable[[nn.Module], tuple[int, Callable[[torch.Tensor], int]]]
 
 @dataclass(frozen=True)
 class LayerType:
-    """What the package knows about one family of layers (one row of :data:`LAYERS`)."""
+    """What the package knows about one family of layers (one row of :data:`LAYERS`).
+
+    A row matches by ``isinstance(module, types)``, or by ``match`` for layers recognised by their
+    attributes (so that no optional library has to be imported).
+    """
 
     types: tuple[type, ...]
     slices: Callable[[nn.Module, bool], Spec]
     resize: Resize
     outputs: Outputs | None = None
+    match: Callable[[nn.Module], bool] | None = None
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a layer of this row."""
+        return self.match(module) if self.match is not None else isinstance(module, self.types)
 
 
 # -- convolutions -----------------------------------------------------------------------------------------
@@ -123,6 +132,33 @@ def _linear_resize(module: nn.Module, shape: Shapes):
 
 def _last_dim_outputs(size: Callable[[nn.Module], int]) -> Outputs:
     return lambda module: (size(module), lambda out: out.dim() - 1)
+
+
+# -- transformers' Conv1D (GPT-2): a linear layer with its weight stored (in, out) ------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (``y = x @ weight + bias``, weight ``(nx, nf)``)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def _conv1d_slices(module: nn.Module, producing: bool) -> Spec:
+    return [("weight", 1, "out"), ("bias", 0, "out")] if producing else [("weight", 0, "in")]
+
+
+def _conv1d_resize(module: nn.Module, shape: Shapes):
+    nx, nf = shape("weight")
+    attrs = {"nf": nf} | ({"nx": nx} if hasattr(module, "nx") else {})
+    return attrs, {"weight": (nx, nf), "bias": (nf,)}
+
+
+def is_root(module: nn.Module) -> bool:
+    """Whether ``module``'s output channels root a channel group: a convolution or linear layer."""
+    return isinstance(module, ROOT_TYPES) or is_conv1d(module)
 
 
 # -- normalization -------------------------------------------------------------------------------------------
@@ -200,6 +236,7 @@ LAYERS: tuple[LayerType, ...] = (
         _layer_norm_resize,
         _last_dim_outputs(lambda m: m.normalized_shape[-1]),
     ),
+    LayerType((), _conv1d_slices, _conv1d_resize, _last_dim_outputs(lambda m: m.nf), is_conv1d),
     LayerType((nn.PReLU,), _prelu_slices, _prelu_resize),
     LayerType((nn.Embedding, nn.EmbeddingBag), _embedding_slices, _embedding_resize),
 )
@@ -207,13 +244,13 @@ LAYERS: tuple[LayerType, ...] = (
 RESIZABLE = (
     "Conv/ConvTranspose 1d-3d, Linear, BatchNorm/SyncBatchNorm/InstanceNorm, GroupNorm, LayerNorm, "
     + ("RMSNorm, " if _RMS_NORM else "")
-    + "PReLU, Embedding/EmbeddingBag, and tensors held directly by non-torch modules"
+    + "PReLU, Embedding/EmbeddingBag, transformers' Conv1D, and tensors held directly by non-torch modules"
 )
 
 
 def layer_type(module: nn.Module) -> LayerType | None:
     """The row of :data:`LAYERS` for ``module``, or None for a type the table does not know."""
-    return next((row for row in LAYERS if isinstance(module, row.types)), None)
+    return next((row for row in LAYERS if row.matches(module)), None)
 
 
 def layer_spec(module: nn.Module, producing: bool) -> Spec | None:
@@ -260,7 +297,7 @@ def select_layers(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     *,
-    types: tuple[type, ...] = ROOT_TYPES,
+    types: tuple[type, ...] | None = None,
     owner: str = "select_layers",
 ) -> list[str]:
     """Qualified names of the layers of ``types`` chosen by glob ``include``/``exclude`` patterns.
@@ -269,7 +306,8 @@ def select_layers(
         model: The model.
         include: Patterns (``fnmatch`` style, e.g. ``"features.*"``); ``None`` means every layer.
         exclude: Patterns of layers to leave out.
-        types: Layer types to consider.
+        types: Layer types to consider; ``None``: the layers that root channel groups (convolutions,
+            linear layers, transformers' ``Conv1D``, see :func:`is_root`).
         owner: Name of the caller, used in error messages.
 
     Raises:
@@ -281,7 +319,8 @@ def select_layers(
         >>> select_layers(net, include=None, exclude=["2"])
         ['0']
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, types)]
+    names = [n for n, m in model.named_modules() if (is_root(m) if types is None else isinstance(m, types))]
+    kinds = "Conv/Linear/Conv1D" if types is None else "/".join(t.__name__.lstrip("_") for t in types)
     for arg, patterns in (("include", include), ("exclude", exclude)):
         if patterns is None:
             continue
@@ -295,7 +334,7 @@ def select_layers(
                 shown = ", ".join(names[:40]) + (" …" if len(names) > 40 else "")
                 raise PruningError(
                     f"`{owner}({arg}=[..., {pattern!r}, ...])` is invalid: pattern {pattern!r} "
-                    f"matches no {'/'.join(t.__name__.lstrip('_') for t in types)} layer. Layers: {shown}."
+                    f"matches no {kinds} layer. Layers: {shown}."
                 )
     chosen = [n for n in names if include is None or any(fnmatchcase(n, p) for p in include)]
     return [n for n in chosen if not any(fnmatchcase(n, p) for p in exclude or ())]

@@ -8,7 +8,7 @@ import torch
 
 from lightning_prune.errors import PruningError
 from lightning_prune.structure.graph import ChannelGraph, emptied_by
-from lightning_prune.structure.layers import ROOT_TYPES
+from lightning_prune.structure.layers import is_root
 from lightning_prune.structure.types import ChannelGroup
 
 
@@ -23,7 +23,7 @@ def node_weights(graph: ChannelGraph, group: ChannelGroup) -> int:
         for s in group.slices
         if s.role == "out"
         and s.param.endswith(".weight")
-        and isinstance(graph.model.get_submodule(s.param.removesuffix(".weight")), ROOT_TYPES)
+        and is_root(graph.model.get_submodule(s.param.removesuffix(".weight")))
     )
     return max(round(rows / group.size), 1)
 

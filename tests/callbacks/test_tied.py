@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import IterativeSNIPCallback, PruningError, SNIPCallback, SNIPit
+from lightning_prune.structure.layers import is_root
 from tests.helpers.modules import trainer
 
 VOCAB, DIM = 64, 16
@@ -59,8 +60,9 @@ class ScoreSpy:
 
 
 def distinct_weights(module: nn.Module) -> dict[int, nn.Parameter]:
-    """The weights of every Linear layer, one per parameter object (what limit counts against)."""
-    return {id(m.weight): m.weight for m in module.modules() if isinstance(m, nn.Linear)}
+    """The weights of every prunable layer (Linear, GPT-2's Conv1D), one per parameter object (what limit
+    counts against)."""
+    return {id(m.weight): m.weight for m in module.modules() if is_root(m)}
 
 
 def check_masks(pruner, module: nn.Module, limit: float) -> None:
@@ -158,7 +160,7 @@ def test_hugging_face_causal_lms_with_tied_embeddings(tmp_path, arch, embedding,
     shared = f"model.{'model.' if arch == 'llama' else ''}{embedding}.weight"
     assert shared in pruner.masks and "model.lm_head.weight" not in pruner.masks
     assert pruner.tied == {"model.lm_head.weight": shared}
-    check_masks(pruner, module, pruner.limit)  # GPT-2's blocks are Conv1D: its head is its only Linear
+    check_masks(pruner, module, pruner.limit)  # GPT-2's Conv1D layers are pruned with the tied head
 
 
 # -- one layer in two places ------------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def test_feature_maps_returned_and_read_again_are_kept_whole():
 # -- models nobody here wrote: outcome is exact or refused with the model unchanged ---------------------
 # name -> expected outcome: "exact" (some channels removed, outputs equal) or "refused" (nothing
 # removable exactly; the model unchanged). ViTs shrink their MLPs; NF-ResNet's ScaledStdConv gains and
-# ConvNeXt-V2's GRN (channel statistics) leave nothing exact; GPT-2's Conv1D is no Linear.
+# ConvNeXt-V2's GRN (channel statistics) leave nothing exact; GPT-2's Conv1D layers are handled.
 TIMM = {
     "vit_tiny_patch16_224": "exact",  # attention-head reshapes
     "ghostnet_100": "exact",  # channels coupled to each other
@@ -274,7 +274,7 @@ TIMM = {
     "levit_128s": "exact",
     "mobilevit_xxs": "exact",
 }
-HF = {"bert": "exact", "llama": "exact", "gpt2": "refused"}
+HF = {"bert": "exact", "llama": "exact", "gpt2": "exact"}
 
 
 def _exact_or_refused(model: nn.Module, x) -> str:

@@ -142,9 +142,41 @@ def test_structured_snip_prunes_heads_of_a_tied_lm_and_the_checkpoint_reloads(tm
     torch.testing.assert_close(eval_outputs(fresh, IDS), eval_outputs(module, IDS))
 
 
-def test_layers_the_engine_cannot_resize_are_named_when_nothing_is_prunable():
+def test_gpt2_conv1d_heads_and_mlp_shrink_exactly_and_reload():
+    torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
-    model = Logits(transformers.GPT2LMHeadModel(config)).eval()
+    build = lambda: Logits(transformers.GPT2LMHeadModel(config)).eval()  # noqa: E731
+    model = build()
     graph = ChannelGraph(model, IDS)
-    assert not any(g.prunable for g in graph.groups)
-    assert "layers of types the engine cannot resize: Conv1D ×8" in graph.refusals()
+    heads, mlp = "model.transformer.h.0.attn.heads", "model.transformer.h.1.mlp.c_fc"
+    assert graph.group(heads).prunable and graph.group(mlp).prunable
+    kill_units(model, graph, heads, [1, 2])
+    tensors = dict(model.named_parameters())
+    with torch.no_grad():  # Conv1D stores its weight (in, out): output channels are columns
+        tensors[f"{mlp}.weight"][:, :40] = 0
+        tensors[f"{mlp}.bias"][:40] = 0
+    ref = eval_outputs(model, IDS)
+    report = shrink(model, IDS)
+    assert report.removed == {heads: 2 * 8, mlp: 40}
+    attn = model.model.transformer.h[0].attn
+    assert (attn.num_heads, attn.split_size) == (2, 16) and attn.c_attn.weight.shape == (32, 48)
+    assert model.model.transformer.h[1].mlp.c_fc.nf == 88
+    torch.testing.assert_close(eval_outputs(model, IDS), ref, rtol=1e-4, atol=1e-5)
+    fresh = build()
+    load_pruned_state_dict(fresh, copy.deepcopy(model.state_dict()))
+    assert fresh.model.transformer.h[0].attn.num_heads == 2
+    torch.testing.assert_close(eval_outputs(fresh, IDS), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_the_engine_cannot_resize_are_named_when_nothing_is_prunable():
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    model = nn.Sequential(nn.Linear(8, 8), Custom(), nn.Linear(8, 2))
+    graph = ChannelGraph(model, torch.randn(2, 8))
+    assert "layers of types the engine cannot resize: Custom ×1" in graph.refusals()
