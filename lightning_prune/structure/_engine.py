@@ -48,8 +48,11 @@ CHANNEL_CHANGING = {"conv", "linear", "embed", "mha", "lstm", "customized"}
 _MAX_VALID_DIM = 1 << 32  # PyTorch saves dim=-1 as 2**64 - 1
 
 
-class BudgetExceeded(Exception):
-    """Raised inside the engine when the time budget runs out."""
+class BudgetExceeded(BaseException):
+    """Raised inside the engine when the time budget runs out.
+
+    A BaseException, so that no ``except Exception`` in the traced code swallows it.
+    """
 
 
 @dataclass(frozen=True)
@@ -445,10 +448,12 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
     )
     previous, outer = None, (0.0, 0.0)
     start = time.monotonic()
+    running = True
     if use_alarm:
 
         def expire(signum, frame):
-            raise BudgetExceeded
+            if running:  # not once the body has returned
+                raise BudgetExceeded
 
         previous = signal.signal(signal.SIGALRM, expire)
         outer = signal.setitimer(signal.ITIMER_REAL, seconds)  # a caller's timer, put back afterwards
@@ -469,6 +474,7 @@ def _deadline(seconds: float | None, model: nn.Module, what: str) -> Iterator[No
             f"{time.monotonic() - start:.1f} s: {type(err).__name__}: {err}"
         ) from err
     finally:
+        running = False
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
