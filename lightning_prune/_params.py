@@ -27,12 +27,15 @@ from collections.abc import Iterable
 from torch import nn
 
 
-def canonical_names(module: nn.Module) -> dict[str, str]:
-    """Every name of every parameter of ``module`` → its canonical name (the first name of its object)."""
+def canonical_names(module: nn.Module, *, buffers: bool = False) -> dict[str, str]:
+    """Every name of every parameter (and buffer, if asked) of ``module`` → its canonical name.
+
+    The canonical name is the first name of the tensor object.
+    """
     first: dict[int, str] = {}
-    return {
-        name: first.setdefault(id(p), name) for name, p in module.named_parameters(remove_duplicate=False)
-    }
+    tensors = list(module.named_parameters(remove_duplicate=False))
+    tensors += list(module.named_buffers(remove_duplicate=False)) if buffers else []
+    return {name: first.setdefault(id(t), name) for name, t in tensors}
 
 
 def aliases(module: nn.Module) -> dict[str, str]:

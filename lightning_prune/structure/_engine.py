@@ -148,10 +148,6 @@ class Engine:
                 found.append((items, self._items(self._group(items[0].module, [0]))))
             return found
 
-    def items(self, root: nn.Module, channels: list[int]) -> list[Item]:
-        """The items of the group rooted at ``root`` for the given output channels."""
-        return self._items(self._group(root, channels))
-
     def prune(self, root: nn.Module, channels: list[int]) -> list[Item]:
         """Remove ``channels`` of ``root``'s group from every layer of it, in place; return its items.
 
@@ -292,11 +288,11 @@ class Engine:
         """
         fn = node.grad_fn
         name = type(fn).__name__.removesuffix("Backward0").removesuffix("Backward1")
-        sizes = getattr(fn, "_saved_self_sym_sizes", None)
+        sizes = _input_sizes(fn)
         outs = [tuple(m.shape) for m in getattr(fn, "_input_metadata", ())]
         dim = getattr(fn, "_saved_dim", None)
         if isinstance(dim, int) and dim >= _MAX_VALID_DIM:
-            dim -= 1 << 64
+            dim -= 1 << 64  # PyTorch saves dim=-1 as 2**64 - 1
         inputs = [i for i in node.inputs]
         channels = self._channels(inputs[0]) if inputs else None
         if kind == "concat":

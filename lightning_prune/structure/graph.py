@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,8 +18,9 @@ from lightning_prune._inputs import (
     describe,
     flatten_outputs,
 )
+from lightning_prune._params import canonical_names
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _mha_fastpath_disabled
+from lightning_prune.stats import _buffers_restored, _eval_mode, _mha_fastpath_disabled
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_conv1d, is_root, layer_spec, unresized_tensors
@@ -93,7 +95,7 @@ class ChannelGraph:
     def _build(self) -> None:
         model = self.model
         inputs = _leaf_copies(self.example_inputs)
-        with _modes_and_buffers_kept(model):
+        with _eval_mode(model), _buffers_restored(model), _new_hooks_removed(model):
             try:
                 self._engine = Engine(model, inputs, self.time_budget)
             except PruningError as err:
@@ -104,7 +106,7 @@ class ChannelGraph:
         self._names = {m: n for n, m in model.named_modules()}
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self._modules_by_name = dict(model.named_modules())
-        self._aliases = _aliases(model)
+        self._aliases = canonical_names(model, buffers=True)
         self._input_nodes = self._input_coupled(inputs)
         self._fragile_nodes = self._flattened_concats()
         self._roots: dict[str, nn.Module] = {}
@@ -563,18 +565,6 @@ def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str
     return None
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """Every name of a parameter/buffer → its first name (tied or shared tensors have several)."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, t in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        out[name] = first.setdefault(id(t), name)
-    return out
-
-
 def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal]:
     seen, out = set(), []
     for r in removals:
@@ -646,30 +636,16 @@ class _zeroed:
                 t.index_copy_(dim, idx, values)
 
 
-class _modes_and_buffers_kept:
-    """Context: modes and buffer values put back, forward hooks added meanwhile removed.
-
-    The engine adds forward hooks while tracing and leaves them behind when the forward fails.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.hooks = {m: set(m._forward_hooks) for m in self.model.modules()}
-        self.buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        return self
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes.items():
-            m.training = mode
-            for key in set(m._forward_hooks) - self.hooks[m]:
+@contextlib.contextmanager
+def _new_hooks_removed(model: nn.Module) -> Iterator[None]:
+    """Remove the forward hooks added meanwhile: the engine leaves its own behind when tracing fails."""
+    before = {m: set(m._forward_hooks) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, keys in before.items():
+            for key in set(m._forward_hooks) - keys:
                 del m._forward_hooks[key]
-        with torch.no_grad():
-            for name, b in self.model.named_buffers():
-                if name in self.buffers and b.shape == self.buffers[name].shape:
-                    b.copy_(self.buffers[name])
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:
@@ -678,14 +654,8 @@ def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.
     PyTorch's fused attention path stays off, as in :func:`~lightning_prune.stats.stats_and_outputs`,
     so that both compute the same numbers.
     """
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), _mha_fastpath_disabled():
-            return [t.detach().clone() for t in flatten_outputs(call_model(model, example_inputs))]
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with _eval_mode(model), torch.no_grad(), _mha_fastpath_disabled():
+        return [t.detach().clone() for t in flatten_outputs(call_model(model, example_inputs))]
 
 
 def same_outputs(reference, outputs, *, shapes_only: bool = False) -> bool:

@@ -55,3 +55,19 @@ def test_verified_shrinks_leave_ordinary_models_alone(tmp_path):
     assert sum(p.numel() for p in module.parameters()) < sum(
         p.numel() for p in TinyModule("resnet").parameters()
     )
+
+
+def test_a_frozen_norm_stays_frozen_and_untrained_through_a_shrink_in_fit(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule(arch="cnn")
+    norm = module.model.features[4]  # frozen affine of a norm whose channels get pruned
+    for p in norm.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.num_features))  # distinct values, to find them
+    before = norm.weight.detach().clone()
+    trainer(tmp_path, [SNAPit(limit=0.5, steps=2)], max_epochs=1).fit(module)
+    norm = module.model.features[4]
+    assert norm.num_features < before.numel()  # shrunk in fit ...
+    assert not any(p.requires_grad for p in norm.parameters())  # ... still frozen ...
+    assert torch.isin(norm.weight, before).all()  # ... and the kept scales never trained

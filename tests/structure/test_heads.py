@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_prune import ChannelGraph, SNIPCallback, load_pruned_state_dict, shrink
 from lightning_prune.structure.graph import eval_outputs
-from tests.callbacks.test_tied import CausalLM
+from tests.callbacks.test_tied import CausalLM, hf_causal_lm
 from tests.helpers.modules import trainer
 
 transformers = pytest.importorskip("transformers")
@@ -26,22 +26,6 @@ def kill_units(model: nn.Module, graph: ChannelGraph, name: str, units: list[int
             if s.role == "out":
                 hit = s.positions[torch.isin(s.channels, torch.tensor(units))]
                 tensors[s.param].index_fill_(s.dim, hit, 0)
-
-
-def llama(tied: bool = False) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention: 2 query heads per key/value head
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 class Logits(nn.Module):
@@ -78,7 +62,7 @@ def test_dead_heads_of_a_bert_like_model_are_removed_exactly():
 
 def test_grouped_query_attention_loses_whole_key_value_groups():
     torch.manual_seed(0)
-    model = Logits(llama())
+    model = Logits(hf_causal_lm("llama").eval())  # 4 query heads sharing 2 key/value heads
     graph = ChannelGraph(model, IDS)
     name = "model.model.layers.1.self_attn.heads"
     assert graph.group(name).size == 2  # units are key/value heads, each with its 2 query heads
