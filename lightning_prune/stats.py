@@ -145,7 +145,11 @@ def stats_and_outputs(
         counter,
     ):
         outputs = [t.detach() for t in flatten_outputs(_forward(model, inputs, func))]
+    return counted_stats(model, counter), outputs
 
+
+def counted_stats(model: nn.Module, counter: FlopCounterMode) -> ModelStats:
+    """The :class:`ModelStats` of ``model``, with the MACs of the forward pass ``counter`` counted."""
     macs_by_op: dict[str, int] = {}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
         name = getattr(op, "__name__", str(op)).removeprefix("aten.")
@@ -159,13 +163,12 @@ def stats_and_outputs(
                 continue
             params += p.numel()
             nonzero += int(torch.count_nonzero(p))
-    stats = ModelStats(
+    return ModelStats(
         params=params,
         nonzero_params=nonzero,
         macs=sum(macs_by_op.values()),
         macs_by_op=macs_by_op,
     )
-    return stats, outputs
 
 
 def measure_latency(

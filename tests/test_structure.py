@@ -1,8 +1,10 @@
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
-from lightning_prune import ChannelGraph, PruningError, shrink
+from lightning_prune import ChannelGraph, PruningError, model_stats, shrink
 from lightning_prune.structure import select_layers
 from tests.helpers.nets import TinyCNN, TinyResNet, eval_outputs
 
@@ -224,3 +226,51 @@ def test_channels_tied_to_the_model_input_are_frozen():
     assert not graph.group("0").prunable
     assert "coupled to the model input" in graph.group("0").reason
     assert shrink(model, X).removed == {}
+
+
+def test_shrink_needs_two_forward_passes_and_its_statistics_match_model_stats():
+    model = TinyCNN()
+    zero_channels(model, [("features.0", [0, 3]), ("features.1", [0, 3])])
+    dense = model_stats(model, X)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    report = shrink(model, X)
+    assert len(calls) == 2  # the trace (statistics before, reference outputs) and the check afterwards
+    assert report.before == dense
+    assert report.after == model_stats(model, X) and report.after.params < dense.params
+
+
+def test_shrink_without_verify_or_stats_runs_no_forward_pass_after_the_surgery():
+    model = TinyCNN()
+    zero_channels(model, [("features.3", [2]), ("features.4", [2])])
+    ref = eval_outputs(model, X)
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    report = shrink(model, X, verify=False, stats=False)
+    assert len(calls) == 1 and report.removed == {"features.3": 1} and report.before is None
+    torch.testing.assert_close(eval_outputs(model, X), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_measured_graph_counts_what_model_stats_counts():
+    model = TinyResNet()
+    graph = ChannelGraph(model, X, measure=True)
+    assert graph.traced_stats == model_stats(model, X)
+    torch.testing.assert_close(graph.traced_outputs[0], eval_outputs(model, X))
+    assert ChannelGraph(model, X).traced_stats is None
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=30),
+    st.integers(1, 7),
+    st.booleans(),
+)
+def test_our_flatten_mapping_gives_the_engine_s_index_records(pairs, stride, reverse):
+    from torch_pruning._helpers import _HybridIndex
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    from lightning_prune.structure._engine import _FlattenMapping
+
+    idxs = [_HybridIndex(idx=i, root_idx=r) for i, r in pairs]
+    theirs = _FlattenIndexMapping(stride, reverse)(idxs)
+    ours = _FlattenMapping(stride, reverse)(idxs)
+    assert ours == theirs and all(type(i) is _HybridIndex for i in ours)

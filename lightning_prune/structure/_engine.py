@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning._helpers import _HybridIndex
 from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency import shape_infer as _shape_infer
 
@@ -83,7 +84,9 @@ class Item:
 class Engine:
     """A traced model: its nodes, the barriers found in it, its groups and their surgery."""
 
-    def __init__(self, model: nn.Module, example_inputs: ExampleInputs, budget: float | None) -> None:
+    def __init__(
+        self, model: nn.Module, example_inputs: ExampleInputs, budget: float | None, counter=None
+    ) -> None:
         self.model = model
         self.barriers: dict[Any, str] = {}
         outputs: list[torch.Tensor] = []
@@ -91,6 +94,10 @@ class Engine:
         def keep_outputs(out):
             outputs.extend(flatten_outputs(out))
             return outputs
+
+        def forward(model, inputs):  # under a FlopCounterMode when one is given
+            with counter if counter is not None else contextlib.nullcontext():
+                return call_model(model, inputs)
 
         dg = tp.DependencyGraph()
         dg.verbose = False
@@ -101,13 +108,14 @@ class Engine:
         dg.ignored_params = []
         with _deadline(budget, model, "tracing"):
             dg._param_to_name, dg.unwrapped_parameters = dg._detect_unwrapped_parameters(None)
-            dg.module2node = dg._trace(model, example_inputs, call_model, output_transform=keep_outputs)
+            dg.module2node = dg._trace(model, example_inputs, forward, output_transform=keep_outputs)
             dg._build_dependency(dg.module2node)
             self._dg = dg
             self._mark_barriers()
             _shape_infer.init_shape_information(dg)
             _index_mapping.update_index_mapping(dg)
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
+        self.outputs = [t.detach() for t in outputs]
         self.output_shapes = [t.shape for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
         self._listed: dict[nn.Module, Any] = {}  # root -> the engine's group with all its channels
@@ -134,18 +142,20 @@ class Engine:
         return self._dg.get_pruner_of_module(module).get_out_channels(module)
 
     # -- groups ----------------------------------------------------------------------------------------
-    def groups(self, root_types: tuple[type, ...]) -> list[tuple[list[Item], list[Item]]]:
+    def groups(self, root_types: tuple[type, ...]) -> list[tuple[list[Item], list[Item] | None]]:
         """Every channel group rooted at a layer of ``root_types``, as two item lists.
 
         The items for all of its channels, and the items for channel 0 alone: a probe, since both must
-        agree on what channel 0 touches.
+        agree on what channel 0 touches (None when no index mapping lies in the group: they agree).
         """
         with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(self._dg, None):
             found = []
             for group in self._dg.get_all_groups(root_module_types=root_types):
                 items = self._items(group)
                 self._listed[items[0].module] = group
-                found.append((items, self._items(self._group(items[0].module, [0]))))
+                # Without an index mapping every channel reaches its own entries only: no probe needed.
+                mapped = any(e.dep.target.type not in _IDENTITY for e in group)
+                found.append((items, self._items(self._group(items[0].module, [0])) if mapped else None))
             return found
 
     def prune(self, root: nn.Module, channels: list[int]) -> list[Item]:
@@ -158,12 +168,15 @@ class Engine:
         if listed is not None and all(e.dep.target.type not in _PROPAGATED for e in listed):
             # No index mapping between its layers: the listed group, cut down to these channels, is
             # the group the engine would build again (other groups' prunes cannot move its entries).
-            chosen = set(channels)
+            chosen, width = set(channels), self.out_channels(root)
             entries = []
             for e in listed:
-                keep = [(i, r) for i, r in zip(e.idxs, e.root_idxs, strict=True) if r in chosen]
+                if e.idxs == e.root_idxs and len(e.idxs) == width and e.idxs[-1] == width - 1:
+                    entries.append((e.dep, list(channels), list(channels)))  # the identity mapping
+                    continue
+                keep = [k for k, r in enumerate(e.root_idxs) if r in chosen]  # ints: no garbage to collect
                 if keep:
-                    entries.append((e.dep, [i for i, _ in keep], [r for _, r in keep]))
+                    entries.append((e.dep, [e.idxs[k] for k in keep], [e.root_idxs[k] for k in keep]))
             for dep, idxs, _ in entries:
                 dep(idxs)
             return [self._item(dep, idxs, roots) for dep, idxs, roots in entries]
@@ -408,6 +421,19 @@ def _as_tuple(value) -> tuple[int, ...]:
 #: splits), and free parameters (replaced by the engine's own group pruning). The reshapes left as the
 #: engine's are flattens, whose stride (the spatial size) no prune changes.
 _PROPAGATED = {_OPS.CONCAT, _OPS.SPLIT, _OPS.UNBIND, _OPS.EXPAND, _OPS.SLICE, _OPS.PARAMETER}
+#: Nodes that keep every channel at its own index (anything else may map it elsewhere).
+_IDENTITY = {
+    _OPS.CONV,
+    _OPS.BN,
+    _OPS.LINEAR,
+    _OPS.PRELU,
+    _OPS.DEPTHWISE_CONV,
+    _OPS.ELEMENTWISE,
+    _OPS.LN,
+    _OPS.GN,
+    _OPS.IN,
+    _OPS.OUTPUT,
+}
 _REFRESH = {
     _OPS.CONCAT: _index_mapping.update_concat_index_mapping,
     _OPS.SPLIT: _index_mapping.update_split_index_mapping,
@@ -416,6 +442,30 @@ _REFRESH = {
     _OPS.EXPAND: _index_mapping.update_expand_index_mapping,
     _OPS.SLICE: _index_mapping.update_slice_index_mapping,
 }
+
+
+class _FlattenMapping(_index_mapping._FlattenIndexMapping):
+    """The engine's flatten index mapping, with the same output built without per-index Python calls.
+
+    A flatten before a large linear layer maps each channel to ``stride`` features (VGG: 49), and the
+    engine's version spends most of a group listing creating those index records one by one.
+    """
+
+    def __call__(self, idxs):
+        new, kind, stride = tuple.__new__, _HybridIndex, self._stride
+        if self.reverse:
+            return list({new(kind, (i.idx // stride, i.root_idx)) for i in idxs})
+        return [new(kind, (k, i.root_idx)) for i in idxs for k in range(i.idx * stride, (i.idx + 1) * stride)]
+
+
+def _fast_flattens(dg, nodes) -> None:
+    """Swap the flatten mappings around ``nodes`` (and neighbours) for :class:`_FlattenMapping`."""
+    for node in nodes:
+        for n in (node, *node.inputs, *node.outputs):
+            for dep in n.dependencies:
+                for k, mapping in enumerate(dep.index_mapping):
+                    if type(mapping) is _index_mapping._FlattenIndexMapping:
+                        dep.index_mapping[k] = _FlattenMapping(mapping._stride, mapping.reverse)
 
 
 @contextlib.contextmanager
@@ -427,6 +477,7 @@ def _refresh_only(dg, stale: set | None) -> Iterator[None]:
     else:
         for node in stale:
             _REFRESH[node.type](dg, node)
+    _fast_flattens(dg, dg.module2node.values() if stale is None else stale)
     _index_mapping.update_index_mapping = lambda graph: None
     try:
         yield

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune._inputs import (
     ExampleInputs,
@@ -20,7 +22,7 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _buffers_restored, _eval_mode, _mha_fastpath_disabled
+from lightning_prune.stats import _buffers_restored, _eval_mode, _mha_fastpath_disabled, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_conv1d, is_root, layer_spec, unresized_tensors
@@ -55,6 +57,15 @@ class ChannelGraph:
             produce the model's outputs are always frozen.
         time_budget: Seconds that tracing and listing the groups may take (``None``: no limit); past
             it the model is refused with the reason instead of the engine running on for minutes.
+        measure: Also count the model's parameters and MACs in the tracing pass, as
+            :func:`~lightning_prune.stats.model_stats` does, into :attr:`traced_stats` (saves a
+            forward pass for statistics before pruning).
+
+    Attributes:
+        traced_outputs: The model's output tensors in the first tracing pass, before any pruning (eval
+            mode, detached).
+        traced_stats: With ``measure=True``, the model's :class:`~lightning_prune.stats.ModelStats` as
+            traced (before any pruning); else None.
 
     Raises:
         PruningError: If ``model`` is not a module, the forward pass or the engine fails, the time
@@ -76,6 +87,7 @@ class ChannelGraph:
         *,
         frozen: Sequence[str] = (),
         time_budget: float | None = DEFAULT_TIME_BUDGET,
+        measure: bool = False,
     ) -> None:
         self.model = check_module(model, "ChannelGraph")
         self.example_inputs = check_inputs(example_inputs, "ChannelGraph")
@@ -90,14 +102,17 @@ class ChannelGraph:
             )
         self._frozen_arg = tuple(frozen)
         self.time_budget = time_budget
-        self._build()
+        counter = FlopCounterMode(display=False) if measure else None
+        self._build(counter)
+        self.traced_outputs = self._engine.outputs
+        self.traced_stats = counted_stats(model, counter) if counter is not None else None
 
-    def _build(self) -> None:
+    def _build(self, counter: FlopCounterMode | None = None) -> None:
         model = self.model
         inputs = _leaf_copies(self.example_inputs)
         with _eval_mode(model), _buffers_restored(model), _new_hooks_removed(model):
             try:
-                self._engine = Engine(model, inputs, self.time_budget)
+                self._engine = Engine(model, inputs, self.time_budget, counter)
             except PruningError as err:
                 raise PruningError(
                     f"Could not trace {type(model).__name__} with "
@@ -192,7 +207,9 @@ class ChannelGraph:
                 if s.role in ("out", "norm"):
                     if (s.param, s.dim) not in nonzero:
                         t = tensors[s.param].detach()
-                        nonzero[s.param, s.dim] = t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1).any(1).cpu()
+                        nonzero[s.param, s.dim] = _nonzero_rows(
+                            t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1)
+                        )
                     alive[s.channels[nonzero[s.param, s.dim][s.positions]]] = True
             dead[group.name] = torch.nonzero(~alive).flatten().tolist()
         return dead
@@ -204,6 +221,7 @@ class ChannelGraph:
         verify: ExampleInputs | None = None,
         compare: bool = True,
         reference: Sequence[torch.Tensor] | None = None,
+        run: Callable[[nn.Module, ExampleInputs], list[torch.Tensor]] | None = None,
     ) -> list[Removal]:
         """Remove channels, in place, from every layer of their groups; all or nothing.
 
@@ -218,6 +236,9 @@ class ChannelGraph:
                 ``reference`` is given).
             reference: The outputs to verify against, if already known (the outputs of the model on
                 ``verify`` with the removed channels zeroed; for dead channels, its plain outputs).
+            run: How the pruned model is run on ``verify``: a function of the model and the inputs
+                returning the output tensors (default: :func:`eval_outputs`), e.g. one that also
+                counts MACs.
 
         Returns:
             The surgery performed, parameter by parameter, in order (see :class:`Removal`). Tied
@@ -249,7 +270,7 @@ class ChannelGraph:
                 param.requires_grad_(name not in frozen)  # the engine makes every new tensor trainable
             if verify is not None:
                 try:
-                    outputs = eval_outputs(self.model, verify)
+                    outputs = (run or eval_outputs)(self.model, verify)
                 except Exception as err:
                     raise PruningError(
                         f"the pruned model no longer runs: {type(err).__name__}: {err}"
@@ -394,7 +415,7 @@ class ChannelGraph:
             return self._engine.param_name(module)
         return self._names.get(module)
 
-    def _describe(self, items: list[Item], probe: list[Item]) -> ChannelGroup:
+    def _describe(self, items: list[Item], probe: list[Item] | None) -> ChannelGroup:
         root = items[0].module
         channels = self._engine.out_channels(root)
         reasons, exact, ties = [], True, 1
@@ -454,7 +475,7 @@ class ChannelGraph:
         shapes = self._shapes()
         if any(s.param not in shapes or int(s.positions.max()) >= shapes[s.param][s.dim] for s in slices):
             reasons.append("the traced dependencies do not fit the layer shapes")
-        if _entries(items, only=0) != _entries(probe):
+        if probe is not None and _entries(items, only=0) != _entries(probe):
             reasons.append(
                 "removing one of its channels reaches entries the group maps to another channel (its "
                 "channels are coupled to each other, e.g. by a depthwise layer between two parts of a "
@@ -478,7 +499,11 @@ class ChannelGraph:
         if label is None or not item.idxs:
             return []
         positions = torch.as_tensor(item.idxs, dtype=torch.long)
-        channels = torch.as_tensor(item.root_idxs, dtype=torch.long) % stride
+        channels = (
+            positions if item.root_idxs == item.idxs else torch.as_tensor(item.root_idxs, dtype=torch.long)
+        )
+        if channels.numel() and int(channels.max()) >= stride:
+            channels = channels % stride
         module = item.module
         if item.kind == "parameter":
             return [ParamSlice(label, item.pruning_dim, positions, channels, "out")]
@@ -510,6 +535,7 @@ def prune_or_refuse(
     verify: ExampleInputs | None,
     compare: bool = True,
     reference: Sequence[torch.Tensor] | None = None,
+    run: Callable[[nn.Module, ExampleInputs], list[torch.Tensor]] | None = None,
 ) -> tuple[list[Removal], dict[str, str]]:
     """Prune ``plan``, verified; where that fails, bisect it: prune what passes, refuse the rest.
 
@@ -523,7 +549,7 @@ def prune_or_refuse(
         if not part:
             return []
         try:
-            return graph.prune(part, verify=verify, compare=compare, reference=reference)
+            return graph.prune(part, verify=verify, compare=compare, reference=reference, run=run)
         except PruningError as err:
             if len(part) == 1:
                 text = str(err)
@@ -536,6 +562,13 @@ def prune_or_refuse(
     return attempt(dict(plan)), refused
 
 
+def _nonzero_rows(t: torch.Tensor) -> torch.Tensor:
+    """Which rows of a 2-D tensor hold a non-zero entry (NaN counts as non-zero)."""
+    if t.is_floating_point():  # an L1 norm reads memory faster than `any`
+        return (torch.linalg.vector_norm(t, 1, dim=1) != 0).cpu()
+    return t.any(1).cpu()
+
+
 def _groups_of(module, kind: str) -> int:
     if kind == "conv" and module.groups > 1:
         return module.groups
@@ -546,11 +579,12 @@ def _groups_of(module, kind: str) -> int:
 
 def _producing(group: ChannelGroup, channels: Sequence[int]) -> list[ParamSlice]:
     """The producing slices (weights, biases, norm affines) of ``channels`` of ``group``."""
-    gone = torch.as_tensor(list(channels), dtype=torch.long)
+    gone = torch.zeros(group.size, dtype=torch.bool)
+    gone[list(channels)] = True
     out = []
     for s in group.slices:
         if s.role in ("out", "norm"):
-            hit = torch.isin(s.channels, gone)
+            hit = gone[s.channels]
             if hit.any():
                 out.append(ParamSlice(s.param, s.dim, s.positions[hit], s.channels[hit], s.role))
     return out
@@ -558,9 +592,11 @@ def _producing(group: ChannelGroup, channels: Sequence[int]) -> list[ParamSlice]
 
 def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str, torch.Size]) -> str | None:
     """The first parameter that would lose every entry along a dim if ``channels`` went, if any."""
-    gone = torch.as_tensor(list(channels), dtype=torch.long)
+    gone = torch.zeros(group.size, dtype=torch.bool)
+    gone[list(channels)] = True
     for s in group.slices:
-        if int(torch.isin(s.channels, gone).sum()) >= shapes[s.param][s.dim]:
+        size = shapes[s.param][s.dim]
+        if len(s.positions) >= size and int(gone[s.channels].sum()) >= size:
             return s.param
     return None
 
@@ -612,6 +648,9 @@ class _Snapshot:
 
 
 def _copy(value):
+    kind = type(value)
+    if kind in (dict, list, set, OrderedDict):
+        return kind(value)
     return copy.copy(value) if isinstance(value, list | dict | set) else value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs, check_inputs, check_module
@@ -74,17 +75,23 @@ def shrink(
     go only when dead in every branch. A group that is dead as a whole keeps one channel, so no layer is
     emptied. In eval mode the shrunk model computes the same function as before.
 
-    After the surgery the model must still run and keep its output shapes, and with ``verify=True``
-    give the same outputs; otherwise the surgery is undone, the groups responsible are found by
-    bisection, left in place and listed in ``report.skipped`` with the reason, while the others are
-    shrunk. A model is thus shrunk (exactly, when verified) or left as it was, never left broken.
+    With ``verify=True`` (or ``stats=True``) the shrunk model is run once more: it must still run and
+    keep its output shapes, and with ``verify=True`` give the same outputs; otherwise the surgery is
+    undone, the groups responsible are found by bisection, left in place and listed in
+    ``report.skipped`` with the reason, while the others are shrunk. A model is thus shrunk (exactly,
+    when verified) or left as it was, never left broken. With both off, no forward pass follows the
+    surgery: the fastest path, which trusts the engine's checks alone (surgery that raises is still
+    undone).
+
+    Cost: one forward pass (the trace, which also gives the reference outputs and, with ``stats``,
+    the statistics before), plus one after the surgery unless ``verify`` and ``stats`` are both off.
 
     Args:
         model: The model to shrink, in place.
         example_inputs: Inputs for one forward pass (tensor, tuple of positional arguments, or dict).
         frozen: Layers whose output channels must be kept (model outputs are always kept).
         verify: Compare the output values before and after (eval mode), as described above.
-        stats: Measure params and MACs before and after (two extra forward passes).
+        stats: Measure params and MACs before and after (from the forward passes above).
         time_budget: Seconds the channel engine may spend on the graph (see :class:`ChannelGraph`).
 
     Returns:
@@ -108,8 +115,16 @@ def shrink(
     """
     check_module(model, "shrink")
     check_inputs(example_inputs, "shrink")
-    graph = ChannelGraph(model, example_inputs, frozen=frozen, time_budget=time_budget)
-    before, reference = stats_and_outputs(model, example_inputs) if stats else (None, None)
+    # One forward pass traces the model, counts its MACs and gives the reference outputs; one more
+    # checks the shrunk model and counts its MACs.
+    graph = ChannelGraph(model, example_inputs, frozen=frozen, time_budget=time_budget, measure=stats)
+    before = graph.traced_stats
+    measured: list[ModelStats] = []
+
+    def run(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:
+        after, outputs = stats_and_outputs(model, inputs)
+        measured.append(after)
+        return outputs
 
     plan, kept_dead, skipped = {}, {}, {}
     groups = {g.name: g for g in graph.groups}
@@ -125,16 +140,25 @@ def shrink(
                 kept_dead[name] = kept * group.ties
             if dead:
                 plan[name] = dead
-    # Dead channels are zero already: the reference is the model's own output. Without `verify` the
-    # shrunk model must still run and keep its output shapes (no model is ever left broken).
+    # Dead channels are zero already: the reference is the model's own output. Without `verify`, the
+    # statistics' forward pass still checks that the shrunk model runs and keeps its output shapes.
     removals, refused = prune_or_refuse(
-        graph, plan, verify=graph.example_inputs, compare=verify, reference=reference
+        graph,
+        plan,
+        verify=graph.example_inputs if verify or stats else None,
+        compare=verify,
+        reference=graph.traced_outputs if verify else None,
+        run=run if stats else None,
     )
     skipped |= {n: f"removing them would change the model: {why}" for n, why in refused.items()}
     done = {n: c for n, c in plan.items() if n not in skipped}
+    after = None
+    if stats:  # the last forward pass measured the model as it is, unless a refused attempt came after
+        after = before if not plan else measured[-1] if measured and not refused else None
+        after = after or model_stats(model, example_inputs)
     return ShrinkReport(
         before=before,
-        after=model_stats(model, example_inputs) if stats else None,
+        after=after,
         removed={n: len(c) * groups[n].ties for n, c in done.items()},
         kept_dead={n: k for n, k in kept_dead.items() if n not in skipped},
         skipped=skipped,
