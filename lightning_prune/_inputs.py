@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,13 +14,31 @@ from lightning_prune.errors import PruningError
 ExampleInputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
 
 
-def call_model(model: nn.Module, example_inputs: ExampleInputs) -> Any:
-    """Call ``model``: a tensor is one argument, a tuple/list positional arguments, a dict keywords."""
-    if isinstance(example_inputs, torch.Tensor):
-        return model(example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return model(**example_inputs)
-    return model(*example_inputs)
+def call_model(model: nn.Module, example_inputs: ExampleInputs, *, compiled: bool = False) -> Any:
+    """Call ``model``: a tensor is one argument, a tuple/list positional arguments, a dict keywords.
+
+    Eagerly unless ``compiled`` (see :func:`eager`): analysis relies on hooks and autograd records that
+    compiled code does not show; only latency measurements run compiled code as it is.
+    """
+    with contextlib.nullcontext() if compiled else eager():
+        if isinstance(example_inputs, torch.Tensor):
+            return model(example_inputs)
+        if isinstance(example_inputs, Mapping):
+            return model(**example_inputs)
+        return model(*example_inputs)
+
+
+def eager() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.compile``d code runs eagerly.
+
+    Forward hooks added after compilation are invisible to compiled code, so node gates would see no
+    gradient and traces would miss layers. Scoring, tracing and measuring therefore run the module's
+    own Python code. (``torch.compiler.set_stance``, torch >= 2.6; on older versions a no-op.)
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 def describe(example_inputs: ExampleInputs) -> str:

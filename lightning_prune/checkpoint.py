@@ -69,8 +69,10 @@ def load_pruned_state_dict(
       ``class_token``, a ConvNeXt block's ``layer_scale``, a custom module's buffer) take the saved
       shape as they are.
 
-    Then ``model.load_state_dict(state_dict, strict=strict)`` loads the values. Only shrinking is
-    supported: a saved tensor must have as many dimensions as the model's, none of them larger.
+    Then ``model.load_state_dict(state_dict, strict=strict)`` loads the values. A saved tensor must have
+    as many dimensions as the model's; it may be smaller (a shrunk checkpoint into a fresh model) or
+    larger (a checkpoint written before a shrink into the shrunk model, e.g. ``ModelCheckpoint``'s best
+    file loaded by ``trainer.test(ckpt_path="best")`` after a shrink during fit).
     Everything is checked before the model is modified. Build optimizers after loading: the resized
     layers hold new parameter objects.
 
@@ -90,7 +92,7 @@ def load_pruned_state_dict(
         ``model``, resized and loaded.
 
     Raises:
-        PruningError: If a saved tensor is larger than the model's or has another number of
+        PruningError: If a saved tensor has another number of
             dimensions; if the saved shapes of a layer are inconsistent with each other (e.g. a
             grouped convolution whose channels no longer divide into its groups); if a torch layer
             without support here (``MultiheadAttention``, ``LSTM``, …) changed shape; if, with
@@ -187,13 +189,29 @@ def load_pruned_checkpoint(
         The module, resized and loaded, in eval mode.
 
     Raises:
-        PruningError: If the checkpoint has no ``state_dict`` or its shapes are not a shrink of the module.
+        PruningError: If ``torch.load`` cannot read the file (truncated, corrupted, or holding objects that
+            ``weights_only`` loading refuses; the original error is chained), the checkpoint has no
+            ``state_dict`` or its shapes are not a shrink of the module.
+        FileNotFoundError: If there is no file at ``checkpoint_path`` (likewise ``IsADirectoryError``,
+            ``PermissionError``).
     """
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    call = f"`load_pruned_checkpoint(checkpoint_path={str(checkpoint_path)!r})`"
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise  # they name the path, and the file is not at fault
+    except Exception as err:  # a truncated file raises OSError, random bytes UnpicklingError, ...
+        # The unpickler's reason, without torch's advice to load with weights_only=False.
+        reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise PruningError(
+            f"{call}: torch.load(weights_only=True) cannot read the file ({type(err).__name__}: "
+            f"{' '.join(reason.split())}). It may be truncated or corrupted (an interrupted save or copy), "
+            "or hold objects other than tensors and plain Python values."
+        ) from err
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise PruningError(
-            f"`load_pruned_checkpoint(checkpoint_path={str(checkpoint_path)!r})`: the file holds no "
-            "'state_dict' entry; expected a Lightning or ShrinkOnFitEnd checkpoint."
+            f"{call}: the file holds no 'state_dict' entry; expected a Lightning or ShrinkOnFitEnd "
+            "checkpoint."
         )
     hparams = {**_constructor_arguments(module_class, checkpoint.get("hyper_parameters", {})), **overrides}
     module = module_class(**hparams)
@@ -360,10 +378,10 @@ def _plan(
         if nn.parameter.is_lazy(current):
             continue  # load_state_dict materializes lazy parameters with the saved shape itself
         new, old = tuple(value.shape), tuple(current.shape)
-        if len(new) != len(old) or any(n > o for n, o in zip(new, old, strict=True)):
+        if len(new) != len(old):
             raise PruningError(
-                f"`{_FUNC}`: {key} has shape {new} in the state dict but {old} in the model; "
-                "only shrinking is supported."
+                f"`{_FUNC}`: {key} has shape {new} in the state dict but {old} in the model: "
+                "another number of dimensions."
             )
         owner = owners.get(key)
         if owner is None:
@@ -461,8 +479,10 @@ def _apply(plans: list[_Plan], undo: list[tuple[nn.Module, str, Any]]) -> None:
             old = getattr(module, name)
             new = replaced.get(id(old))
             if new is None:
-                with torch.no_grad():
-                    data = old[tuple(slice(0, n) for n in shape)].clone()
+                with torch.no_grad():  # the values are loaded next; keep what overlaps, zeros elsewhere
+                    data = old.new_zeros(shape)
+                    overlap = tuple(slice(0, min(n, o)) for n, o in zip(shape, old.shape, strict=True))
+                    data[overlap] = old[overlap]
                 if isinstance(old, nn.Parameter):
                     new = nn.Parameter(data, requires_grad=old.requires_grad)
                 else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lightning_prune.errors import PruningError
+from lightning_prune._validate import fraction, integer
 
 
 def snipit_schedule(limit: float, steps: int = 5, start: float = 0.5) -> list[float]:
@@ -26,11 +26,8 @@ def snipit_schedule(limit: float, steps: int = 5, start: float = 0.5) -> list[fl
         >>> snipit_schedule(0.9, steps=0)
         [0.9]
     """
-    for arg, value in (("limit", limit), ("start", start)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise PruningError(f"`snipit_schedule({arg}={value!r})` is invalid: `{arg}` must be in [0, 1).")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise PruningError(f"`snipit_schedule(steps={steps!r})` is invalid: `steps` must be an int >= 0.")
+    limit, start = fraction("snipit_schedule", "limit", limit), fraction("snipit_schedule", "start", start)
+    steps = integer("snipit_schedule", "steps", steps, low=0)
     values = [] if steps == 0 else [limit - (limit - start) * 0.5**i for i in range(steps + 1)]
     schedule: list[float] = []
     for p in [*values, limit]:

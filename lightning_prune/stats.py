@@ -246,20 +246,20 @@ def measure_latency(
     times: list[float] = []
     with _eval_mode(model), torch.no_grad():
         for _ in range(warmup):
-            _forward(model, inputs, func)
+            _forward(model, inputs, func, compiled=True)
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            _forward(model, inputs, func)
+            _forward(model, inputs, func, compiled=True)
             sync()
             times.append(time.perf_counter() - start)
     return float(statistics.median(times))
 
 
-def _forward(model: nn.Module, inputs: ExampleInputs, func: str) -> Any:
+def _forward(model: nn.Module, inputs: ExampleInputs, func: str, *, compiled: bool = False) -> Any:
     """Call ``model`` and return its output; re-raise any failure as a :class:`PruningError`."""
     try:
-        return call_model(model, inputs)
+        return call_model(model, inputs, compiled=compiled)
     except Exception as err:
         raise PruningError(
             f"`{func}(model, example_inputs=...)` failed: the model raised "

@@ -467,22 +467,28 @@ def test_prefix_keeps_metadata_and_ignores_other_keys():
 # errors: raised before anything is modified
 
 
-def wide_conv_state_dict() -> dict:
-    """resnet18's state dict with layer1.0.conv1 grown from 64 to 80 output channels."""
-    state_dict = torchvision.models.resnet18(num_classes=10).state_dict()
-    state_dict["layer1.0.conv1.weight"] = torch.zeros(80, 64, 3, 3)
-    return state_dict
+def test_a_checkpoint_written_before_a_shrink_grows_the_shrunk_model_back():
+    big = randomize(small_cnn())
+    small = randomize(small_cnn(width=5))
+    load_pruned_state_dict(small, big.state_dict())
+    assert {k: v.shape for k, v in small.state_dict().items()} == {
+        k: v.shape for k, v in big.state_dict().items()
+    }
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(small.eval()(x), big.eval()(x))
 
 
-def test_larger_tensor_is_rejected():
+def test_another_number_of_dimensions_is_rejected():
     model = torchvision.models.resnet18(num_classes=10)
     before = snapshot(model)
+    state_dict = model.state_dict()
+    state_dict["layer1.0.conv1.weight"] = torch.zeros(64, 64, 9)
     message = (
-        r"`load_pruned_state_dict`: layer1.0.conv1.weight has shape \(80, 64, 3, 3\) in the state "
-        r"dict but \(64, 64, 3, 3\) in the model; only shrinking is supported\."
+        r"`load_pruned_state_dict`: layer1.0.conv1.weight has shape \(64, 64, 9\) in the state "
+        r"dict but \(64, 64, 3, 3\) in the model: another number of dimensions\."
     )
     with pytest.raises(PruningError, match=message):
-        load_pruned_state_dict(model, wide_conv_state_dict())
+        load_pruned_state_dict(model, state_dict)
     assert_unchanged(model, before)
 
 
@@ -499,8 +505,8 @@ def shrunk_then(edit) -> tuple[nn.Module, dict, dict]:
     [
         (
             lambda sd: sd.__setitem__("8.bias", torch.zeros(16, 1)),
-            r"8\.bias has shape \(16, 1\) in the state dict but \(16,\) in the model; only "
-            r"shrinking",
+            r"8\.bias has shape \(16, 1\) in the state dict but \(16,\) in the model: another "
+            r"number of dimensions",
         ),
         (
             lambda sd: sd.pop("8.weight"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,11 +27,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
-from lightning_prune._inputs import ExampleInputs, to_device
+from lightning_prune._inputs import ExampleInputs, eager, to_device
 from lightning_prune._params import aliases, canonical_names, layer_weights
+from lightning_prune._validate import integer, patterns
 from lightning_prune.callbacks._optim import OptimizerSnapshot
-from lightning_prune.checkpoint import resize_to_state_dict
+from lightning_prune.checkpoint import load_pruned_state_dict, resize_to_state_dict
 from lightning_prune.errors import PruningError
 from lightning_prune.structure import ChannelGraph, Removal, prune_or_refuse, select_layers
 from lightning_prune.structure.layers import is_root, output_channels
@@ -67,20 +70,9 @@ class PruningCallback(Callback):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        for arg, value in (("include", include), ("exclude", exclude)):
-            if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
-                raise PruningError(
-                    f"`{owner}({arg}={value!r})` is invalid: `{arg}` must be a list of glob patterns "
-                    f"such as ['model.features.*']."
-                )
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise PruningError(
-                f"`{owner}(num_batches={num_batches!r})` is invalid: `num_batches` must be an int >= 1; "
-                f"got {num_batches!r}."
-            )
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude) if exclude is not None else None
-        self.num_batches = num_batches
+        self.include = patterns(owner, "include", include)
+        self.exclude = patterns(owner, "exclude", exclude)
+        self.num_batches = integer(owner, "num_batches", num_batches, low=1)
         self.masks: dict[str, torch.Tensor] = {}
         self.shrunk = False
         self.initial: dict[str, int] = {}  # weights / nodes before any pruning, for sparsity figures
@@ -143,7 +135,7 @@ class PruningCallback(Callback):
                 f"{owner} needs a training dataloader: pass `train_dataloaders` or a datamodule to "
                 "`Trainer.fit`, or define `train_dataloader()` on the module."
             )
-        if self.structured and type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy):
+        if self.structured and not isinstance(trainer.strategy, SingleDeviceStrategy | DDPStrategy):
             raise PruningError(
                 f"{owner} shrinks the network during fit, which is supported with single-device and DDP "
                 f"strategies; got {type(trainer.strategy).__name__}."
@@ -330,7 +322,7 @@ class PruningCallback(Callback):
             modes = {m: m.training for m in pl_module.modules()}
             try:
                 pl_module.eval()
-                with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context():
+                with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context(), eager():
                     for batch_idx, batch in enumerate(batches):
                         yield _loss_of(pl_module.training_step(batch, batch_idx), owner)
             finally:
@@ -369,7 +361,10 @@ class PruningCallback(Callback):
         if example is None:
             with torch.random.fork_rng(devices=[]):
                 batch = next(self.train_batches(trainer))
-            if isinstance(batch, torch.Tensor):
+            if not has_forward(pl_module):
+                batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                example = forward_from_training_step(pl_module, batch, owner)
+            elif isinstance(batch, torch.Tensor):
                 example = batch
             elif isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
                 example = batch[0]
@@ -417,9 +412,7 @@ class PruningCallback(Callback):
                 "exactly (they stay whole for the rest of training): "
                 + "; ".join(f"{name}: {why}" for name, why in refused.items())
             )
-        for cb in trainer.callbacks:
-            if isinstance(cb, PruningCallback):
-                cb.on_shrink(removals)
+        notify_shrink(trainer, pl_module, removals)
         if snapshot is not None:
             snapshot.restore(trainer, pl_module, removals)
         strategy = trainer.strategy
@@ -466,6 +459,115 @@ class PruningCallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(dict(metrics), step=trainer.global_step)
+
+
+def notify_shrink(trainer: pl.Trainer, pl_module: pl.LightningModule, removals: Sequence[Removal]) -> None:
+    """Let everything that holds tensors shaped like the module's parameters follow a shrink.
+
+    - Every callback and the LightningModule itself with an ``on_shrink(removals)`` method (the public
+      hook: cut your own shape-bound tensors, e.g. a module's EMA copy, with ``Removal.apply``).
+    - The averaged copies of Lightning's ``StochasticWeightAveraging``, ``WeightAveraging`` and
+      ``EMAWeightAveraging`` callbacks, cut like the module (values averaged so far are kept).
+    """
+    for cb in trainer.callbacks:
+        for copy in _averaged_copies(cb):
+            shrink_like(copy, removals)
+        hook = getattr(cb, "on_shrink", None)
+        if callable(hook):
+            hook(removals)
+    hook = getattr(pl_module, "on_shrink", None)
+    if callable(hook):
+        hook(removals)
+
+
+def _averaged_copies(callback: Callback) -> list[nn.Module]:
+    """The copies of the module a weight-averaging callback keeps (Lightning's, by their attribute)."""
+    copy = getattr(callback, "_average_model", None)
+    if isinstance(copy, AveragedModel):
+        return [copy.module]
+    return [copy] if isinstance(copy, nn.Module) else []
+
+
+def shrink_like(copy: nn.Module, removals: Sequence[Removal]) -> None:
+    """Cut ``copy`` (same tensor names as the module ``removals`` were made on) the same way."""
+    cuts: dict[str, list[Removal]] = {}
+    for r in removals:
+        cuts.setdefault(r.param, []).append(r)
+    canonical = canonical_names(copy, buffers=True)
+    state = {}
+    for key, value in copy.state_dict(keep_vars=True).items():
+        for r in cuts.get(canonical.get(key, key), ()):
+            value = r.apply(value.detach())
+        state[key] = value.detach()
+    load_pruned_state_dict(copy, state)
+
+
+def has_forward(module: nn.Module) -> bool:
+    """Whether ``module`` defines ``forward`` (LightningModule's own defers to nn.Module's, which raises)."""
+    inherited = (pl.LightningModule.forward, nn.Module.forward)
+    return "forward" in vars(module) or type(module).forward not in inherited
+
+
+def forward_from_training_step(pl_module: pl.LightningModule, batch: Any, owner: str) -> ExampleInputs:
+    """Give a module without ``forward`` the one its ``training_step`` implies; return its example inputs.
+
+    ``training_step(batch, 0)`` runs once (eval mode, no gradients, logging muted) while the module's
+    direct children record how they are called. If exactly one child holding conv/linear layers is called,
+    with positional or keyword arguments (not both), the module gets ``forward = <that child>(...)``: the
+    network the pruning callbacks trace, measure and shrink. Any other case raises with what was seen.
+    """
+    calls: dict[str, tuple[tuple, dict]] = {}
+    children = dict(pl_module.named_children())
+
+    def record(name: str):
+        def hook(_module, args, kwargs):
+            calls.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [c.register_forward_pre_hook(record(n), with_kwargs=True) for n, c in children.items()]
+    modes = {m: m.training for m in pl_module.modules()}
+    try:
+        pl_module.eval()
+        with _muted_logging(pl_module), torch.no_grad(), eager():
+            pl_module.training_step(batch, 0)
+    except Exception as err:
+        raise PruningError(
+            f"{owner}: {type(pl_module).__name__} has no `forward`, and its `training_step` failed on a "
+            f"training batch ({type(err).__name__}: {err}); set `example_input_array` and a `forward`."
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    networks = [n for n in calls if any(is_root(m) for m in children[n].modules())]
+    if len(networks) != 1 or (calls[networks[0]][0] and calls[networks[0]][1]):
+        seen = ", ".join(f"{n}({_signature(*calls[n])})" for n in calls) or "no submodule"
+        raise PruningError(
+            f"{owner}: {type(pl_module).__name__} has no `forward`, and its `training_step` calls {seen}: "
+            "lightning-prune can stand in for a forward that calls ONE submodule holding the conv/linear "
+            "layers, with positional or keyword arguments. Define `forward` and `example_input_array`."
+        )
+    name = networks[0]
+    args, kwargs = calls[name]
+    pl_module._lightning_prune_forward = name
+    pl_module.forward = types.MethodType(_forward_to_child, pl_module)
+    rank_zero_info(
+        f"{owner}: {type(pl_module).__name__} has no `forward`; its `training_step` calls `self.{name}`, so "
+        f"`forward` now calls `self.{name}({_signature(args, kwargs)})` (what is traced and shrunk)."
+    )
+    if kwargs:
+        return dict(kwargs)
+    return args[0] if len(args) == 1 else tuple(args)
+
+
+def _forward_to_child(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return getattr(self, self._lightning_prune_forward)(*args, **kwargs)
+
+
+def _signature(args: tuple, kwargs: dict) -> str:
+    return ", ".join([*("…" for _ in args), *(f"{k}=…" for k in kwargs)])
 
 
 def _cycle(start: Callable[[], Iterator[Any]], owner: str) -> Iterator[Any]:

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_prune._validate import boolean, choice, fraction, integer, invalid
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
@@ -20,21 +21,6 @@ from lightning_prune.structure import ChannelGraph, Removal, lowest_channels, no
 from lightning_prune.structure.layers import is_root
 
 WHEN = ("before", "during")
-
-
-def check_limit(owner: str, limit: Any) -> float:
-    """Validate a ``limit`` argument: a number in [0, 1)."""
-    if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit < 1:
-        raise PruningError(
-            f"`{owner}(limit={limit!r})` is invalid: `limit` must be in [0, 1); got {limit!r}."
-        )
-    return float(limit)
-
-
-def _check_int(owner: str, arg: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PruningError(f"`{owner}({arg}={value!r})` is invalid: `{arg}` must be an int >= {low}.")
-    return value
 
 
 class IterativeSNIPCallback(PruningCallback):
@@ -53,8 +39,9 @@ class IterativeSNIPCallback(PruningCallback):
     - ``when="before"``: every step at the start of fit, before the first optimizer step.
     - ``when="during"``: one step per pruning event, at the end of epoch ``e`` (counted from 1) whenever
       ``e − prune_delay > 0`` and ``(e − prune_delay) % prune_freq == 0``, until ``limit`` is reached.
-      Lightning validates before ``on_train_epoch_end``, so the validation of an event epoch sees the
-      network before that step; checkpoints saved at the epoch end see it after. Setup refuses a
+      The step runs after that epoch's validation and after any checkpoint written at its end (in
+      ``on_train_epoch_start`` of the next epoch, or ``on_train_end`` after the last one), so a
+      ``ModelCheckpoint`` file and its score always belong to the same network. Setup refuses a
       ``max_epochs``/``max_steps`` budget that ends before the last event, and warns when it ends right
       at it (the last step would never be trained).
     - Unstructured (default criterion ``"snip"``, ``|∂L/∂w ⊙ w|``): ``limit`` is the fraction of the
@@ -119,31 +106,21 @@ class IterativeSNIPCallback(PruningCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude, num_batches=num_batches)
         owner = type(self).__name__
-        self.limit = check_limit(owner, limit)
-        if not isinstance(structured, bool):
-            raise PruningError(
-                f"`{owner}(structured={structured!r})` is invalid: `structured` must be a bool."
-            )
-        self.structured = structured
-        self.steps = _check_int(owner, "steps", steps, 0)
-        if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start < 1:
-            raise PruningError(f"`{owner}(start={start!r})` is invalid: `start` must be in [0, 1).")
-        self.start = float(start)
-        if when not in WHEN:
-            raise PruningError(f"`{owner}(when={when!r})` is invalid: `when` must be one of {list(WHEN)}.")
-        self.when = when
-        self.prune_delay = _check_int(owner, "prune_delay", prune_delay, 0)
-        self.prune_freq = _check_int(owner, "prune_freq", prune_freq, 1)
+        self.limit = fraction(owner, "limit", limit)
+        self.structured = boolean(owner, "structured", structured)
+        self.steps = integer(owner, "steps", steps, low=0)
+        self.start = fraction(owner, "start", start)
+        self.when = choice(owner, "when", when, WHEN)
+        self.prune_delay = integer(owner, "prune_delay", prune_delay, low=0)
+        self.prune_freq = integer(owner, "prune_freq", prune_freq, low=1)
         if criterion is not None and not isinstance(criterion, str):
-            raise PruningError(
-                f"`{owner}(criterion={criterion!r})` is invalid: `criterion` must be a name such as 'snip' "
-                "(see lightning_prune.list_criteria())."
-            )
+            allowed = "a name such as 'snip' (see lightning_prune.list_criteria())"
+            raise invalid(owner, "criterion", criterion, allowed)
         self.criterion_name = criterion if criterion is not None else ("snap" if structured else "snip")
         self.criterion = get_criterion(self.criterion_name, structured, owner=owner)
-        self.seed = _check_int(owner, "seed", seed, 0)
+        self.seed = integer(owner, "seed", seed, low=0)
         if rewind_epoch is not None:
-            _check_int(owner, "rewind_epoch", rewind_epoch, 0)
+            rewind_epoch = integer(owner, "rewind_epoch", rewind_epoch, low=0)
             if when != "during":
                 raise PruningError(
                     f"`{owner}(rewind_epoch={rewind_epoch!r})` needs `when='during'`: before training "
@@ -238,26 +215,50 @@ class IterativeSNIPCallback(PruningCallback):
         """Prune every step before training (``when="before"``); keep the rewind point; attach masks."""
         if self.rewind_epoch == 0 and not self.rewind:
             self._keep_rewind_point(pl_module)
-        # "before": every step. "during": the events of epochs already completed, when resuming from a
-        # checkpoint written before this callback's epoch-end hook ran (normally there are none).
-        due = len(self.schedule)
-        if self.when == "during":
-            due = min(due, sum(e <= trainer.current_epoch for e in self.event_epochs()))
-        if self.step < due:
+        if self.when == "before" and self.step < len(self.schedule):
             batches = self.train_batches(trainer)
-            while self.step < due:
+            while self.step < len(self.schedule):
                 self.prune_step(trainer, pl_module, batches)
         if self.when == "during" and self.step < len(self.schedule):
             self._check_before_training(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the pruning steps due by now (``when="during"``), before this epoch trains.
+
+        A step "at the end of epoch k" runs here, at the start of epoch k + 1: after epoch k's
+        validation *and* after any checkpoint written at its end, so that each checkpoint's score
+        belongs to the network it holds. A run resumed from such a checkpoint catches up here too.
+        """
+        self._prune_due(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
+        self._prune_due(trainer, pl_module)
+
+    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if self.when != "during":
+            return False
+        due = sum(e <= trainer.current_epoch for e in self.event_epochs())
+        if self.step >= due:
+            return False
+        batches = self.train_batches(trainer)
+        while self.step < due:
+            self.prune_step(trainer, pl_module, batches)
+        if self.rewind:
+            self._rewind(pl_module)
+        self._attach(trainer, pl_module)
+        return True
 
     def _check_before_training(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """What would fail at the first pruning event fails now: budget, loss, inputs, prunable groups."""
         owner = type(self).__name__
         per_epoch = trainer.num_training_batches
         if trainer.max_steps > 0 and not trainer.fast_dev_run and per_epoch not in (0, float("inf")):
-            steps = trainer.accumulate_grad_batches
-            needed = math.ceil(self.event_epochs()[-1] * per_epoch / steps)
+            per_epoch = math.ceil(per_epoch / trainer.accumulate_grad_batches)  # the last window steps too
+            needed = self.event_epochs()[-1] * per_epoch
             if trainer.max_steps < needed:
                 raise PruningError(
                     f"{owner}: the last pruning step runs at the end of epoch {self.event_epochs()[-1]} "
@@ -274,7 +275,8 @@ class IterativeSNIPCallback(PruningCallback):
                 raise _nothing_prunable(owner, pl_module, graph)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Warn if training stopped before the schedule was done."""
+        """Run a step due at the end of the last epoch; warn if training stopped before the schedule's end."""
+        self._prune_due(trainer, pl_module)
         if self.step < len(self.schedule):
             reached = self.report.get(f"prune/{'node' if self.structured else 'weight'}_sparsity", 0.0)
             rank_zero_warn(
@@ -283,17 +285,9 @@ class IterativeSNIPCallback(PruningCallback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Keep the rewind point; at a pruning event, prune one step (``when="during"``)."""
-        epoch = trainer.current_epoch + 1
-        if epoch == self.rewind_epoch and not self.rewind:
+        """Keep the rewind point at the end of epoch ``rewind_epoch``."""
+        if trainer.current_epoch + 1 == self.rewind_epoch and not self.rewind:
             self._keep_rewind_point(pl_module)
-        if self.when != "during" or self.step >= len(self.schedule):
-            return
-        if epoch - self.prune_delay > 0 and (epoch - self.prune_delay) % self.prune_freq == 0:
-            self.prune_step(trainer, pl_module, self.train_batches(trainer))
-            if self.rewind:
-                self._rewind(pl_module)
-            self._attach(trainer, pl_module)
 
     # -- one step ------------------------------------------------------------------------------------------
     def prune_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Iterator[Any]) -> None:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import io
+import numbers
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PruningCallback, notify_shrink
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import measure_latency, model_stats
-from lightning_prune.structure import ShrinkReport, shrink
+from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
 
 
 class ShrinkOnFitEnd(Callback):
@@ -31,15 +35,26 @@ class ShrinkOnFitEnd(Callback):
 
     Example inputs are ``LightningModule.example_input_array`` if set, else the inputs of one training batch.
 
+    What can be checked early is checked before training: in ``setup`` (rank 0) that ``save_path`` can be
+    written, and in ``on_fit_start`` that the model can be traced for shrinking. If shrinking still fails at
+    the end of fit, the trained weights are not lost: they are saved unshrunk (masks made permanent) next to
+    ``save_path`` as ``<stem>.unshrunk<suffix>`` (without ``save_path``: ``<default_root_dir>/unshrunk.ckpt``)
+    before the error is raised.
+
     Args:
-        save_path: Where to write the shrunk model (rank 0): a checkpoint with ``state_dict`` and
-            ``hyper_parameters`` that :func:`lightning_prune.load_pruned_checkpoint` restores into a freshly
-            built module, and that loads with ``torch.load(..., weights_only=True)``.
+        save_path: Where to write the shrunk model (rank 0), as soon as it is shrunk: see :func:`save_shrunk`.
+            :func:`lightning_prune.load_pruned_checkpoint` restores it into a freshly built module, and
+            ``trainer.validate``/``trainer.test(ckpt_path=save_path)`` evaluate it, into the shrunk module or,
+            when the trainer has a pruning callback (whose ``load_state_dict`` pre-hook resizes the layers),
+            into a freshly built one. Its folder is created in ``setup``.
         latency_batch_size: The larger batch size of the latency measurement.
         latency_repeats: Timed forward passes per measurement (the median is reported).
 
     Raises:
-        PruningError: ``latency_batch_size`` or ``latency_repeats`` < 1.
+        PruningError: Here, if ``latency_batch_size`` or ``latency_repeats`` < 1 or ``save_path`` is a
+            directory. In ``setup``, if ``save_path`` cannot be written. In ``on_fit_start``, if the model
+            cannot be traced for shrinking (e.g. it has no Conv or Linear layer). In ``on_fit_end``, if
+            shrinking fails; the message says where the unshrunk weights were saved.
 
     Examples:
         >>> import lightning.pytorch as pl
@@ -84,32 +99,67 @@ class ShrinkOnFitEnd(Callback):
         self._before = dict(state_dict.get("before", {}))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Refuse spawning strategies: the main process could not take the shrunk weights back."""
+        """Before fit: refuse spawning strategies and check (on rank 0) that ``save_path`` can be written.
+
+        Spawning strategies are refused because the main process could not take the shrunk weights back.
+        ``save_path``'s folder is created and a temporary file written and removed there.
+        """
         self._inputs._example = None
-        launcher = type(getattr(trainer.strategy, "launcher", None)).__name__
-        if stage == "fit" and launcher == "_MultiProcessingLauncher":
+        if stage != "fit":
+            return
+        if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
             raise PruningError(
                 "ShrinkOnFitEnd cannot run under a spawning strategy (ddp_spawn): Lightning copies the "
                 "shrunk weights back into the main process's unshrunk module, which fails. Use "
                 "strategy='ddp'."
             )
+        if self.save_path is not None:
+            problem = _unwritable(self.save_path) if trainer.is_global_zero else None
+            problem = trainer.strategy.broadcast(problem, src=0)  # every rank stops, not only rank 0
+            if problem:
+                raise PruningError(
+                    f"`ShrinkOnFitEnd(save_path={str(self.save_path)!r})` cannot be written: {problem}. "
+                    "Checked before training so that no training is lost; give a writable file path."
+                )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Measure the model before any callback prunes it (once; a resumed fit keeps the first figures)."""
+        """Measure the model before any callback prunes it, and check it can be traced for shrinking.
+
+        The figures are measured once (a resumed fit keeps the first ones). The check builds the
+        :class:`~lightning_prune.structure.ChannelGraph` that :func:`~lightning_prune.shrink` will build at
+        the end of fit; it does not modify the model.
+        """
         self._device = pl_module.device
         if not self._before:
             self._before = self._measure(trainer, pl_module)
+        try:
+            ChannelGraph(pl_module, self._example(trainer, pl_module))
+        except PruningError as err:
+            raise PruningError(
+                f"ShrinkOnFitEnd could not shrink {type(pl_module).__name__} at the end of fit, so it stops "
+                f"before training: {err}"
+            ) from err
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make masks permanent, shrink, measure, report, save."""
+        """Make masks permanent, shrink, save, measure, report.
+
+        If shrinking fails, the unshrunk weights are saved (see the class) and a PruningError says where.
+        """
         for cb in trainer.callbacks:
             if isinstance(cb, PruningCallback):
                 cb.make_permanent(pl_module)
         # Lightning's teardown moved the module to the CPU: shrink and measure on the training device.
         teardown_device = pl_module.device
         pl_module.to(self._device)
-        result = shrink(pl_module, self._example(trainer, pl_module))
+        try:
+            result = shrink(pl_module, self._example(trainer, pl_module))
+        except Exception as err:
+            pl_module.to(teardown_device)
+            raise self._save_unshrunk(trainer, pl_module, err) from err
         self.shrink_report = result
+        notify_shrink(trainer, pl_module, result.removals)  # a module's own shape-bound tensors follow
+        if trainer.is_global_zero and self.save_path is not None:
+            save_shrunk(pl_module, self.save_path)  # first: nothing below can lose the shrunk weights
         after = self._measure(trainer, pl_module)
         self.report = {
             **{f"shrink/{k}_before": v for k, v in self._before.items()},
@@ -123,9 +173,24 @@ class ShrinkOnFitEnd(Callback):
                 logger.log_metrics(self.report, step=trainer.global_step)
                 logger.save()
             Console().print(self.table())
-            if self.save_path is not None:
-                save_shrunk(pl_module, self.save_path)
         pl_module.to(teardown_device)
+
+    def _save_unshrunk(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: Exception
+    ) -> PruningError:
+        """Save the trained weights after shrinking failed (rank 0); return the error saying where."""
+        if self.save_path is not None:
+            path = self.save_path.with_name(f"{self.save_path.stem}.unshrunk{self.save_path.suffix}")
+        else:
+            path = Path(trainer.default_root_dir) / "unshrunk.ckpt"
+        if trainer.is_global_zero:
+            save_shrunk(pl_module, path)
+        return PruningError(
+            f"ShrinkOnFitEnd could not shrink {type(pl_module).__name__} at the end of fit "
+            f"({type(err).__name__}: {err}). The trained weights, unshrunk (masks made permanent), were "
+            f"saved to {str(path)!r}: load them with `load_pruned_checkpoint` or evaluate them with "
+            "`trainer.validate(ckpt_path=...)`."
+        )
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]
@@ -174,17 +239,73 @@ class ShrinkOnFitEnd(Callback):
 
 
 def save_shrunk(pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
-    """Write ``pl_module``'s weights and hyperparameters so :func:`load_pruned_checkpoint` can rebuild it."""
+    """Write ``pl_module``'s weights and hyperparameters as a checkpoint for evaluation and reloading.
+
+    The file loads with ``torch.load(path, weights_only=True)``; :func:`load_pruned_checkpoint` rebuilds the
+    module from it, and it is a Lightning checkpoint for ``trainer.validate``/``trainer.test(ckpt_path=path)``
+    (``state_dict``, ``hyper_parameters`` and ``pytorch-lightning_version``; no optimizer or loop state, so
+    it cannot resume a fit). Hyperparameters that ``weights_only`` loading refuses are stored as strings:
+    paths silently, anything else with a warning naming them. The file is written to a temporary file next
+    to ``path`` and then renamed, so ``path`` never holds half a checkpoint; its folder is created.
+
+    Args:
+        pl_module: The module to save (shrunk or not).
+        path: The file to write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    converted: list[str] = []
     checkpoint = {
+        "pytorch-lightning_version": pl.__version__,
         "state_dict": pl_module.state_dict(),
-        "hyper_parameters": dict(pl_module.hparams),
+        "hyper_parameters": {k: _plain(v, str(k), converted) for k, v in pl_module.hparams.items()},
         "lightning_prune": {"module": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"},
     }
+    if converted:
+        rank_zero_warn(
+            f"save_shrunk: stored the hyperparameters {', '.join(converted)} of {type(pl_module).__name__} "
+            f"as strings in {str(path)!r}: `torch.load(weights_only=True)` cannot load their types."
+        )
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
+
+
+# Types that `torch.load(weights_only=True)` loads, besides the containers `_plain` walks into.
+_SAFE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def _plain(value: Any, key: str, converted: list[str]) -> Any:
+    """``value`` with every part that ``weights_only`` loading refuses made a string.
+
+    Containers are walked into. Paths become strings silently; the keys of other values made strings
+    (dotted from ``key``, e.g. ``data.root`` or ``sizes[2]``) are appended to ``converted``.
+    """
+    if type(value) in _SAFE or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, numbers.Integral):  # NumPy integers and floats, IntEnum members
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {_plain(k, key, converted): _plain(v, f"{key}.{k}", converted) for k, v in value.items()}
+    if type(value) in (list, tuple, set):
+        return type(value)(_plain(v, f"{key}[{i}]", converted) for i, v in enumerate(value))
+    converted.append(key)
+    return str(value)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why no file can be written at ``path`` (``"OSError: ..."``), or None; creates its folder."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass  # removed on closing
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _first_sample(example: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from lightning_prune._validate import choice, fraction, integer, invalid, number
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.iterative import check_limit
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGraph, ChannelGroup, lowest_channels, select_layers
@@ -71,17 +70,18 @@ class SlimmingL1Callback(PruningCallback):
     step (not per micro-batch under gradient accumulation), after AMP has unscaled the gradients and before
     gradient clipping, so the update is the same with and without mixed precision.
 
-    **Pruning** (when ``limit`` is set), at the end of epoch ``prune_at`` (counted from 1) or at the end of
-    training (``"fit_end"``): each channel group (see :class:`~lightning_prune.ChannelGroup`) that contains a
-    selected norm layer is scored by its channels' ``|γ|`` — aggregated over all the group's norm layers
-    with ``aggregate`` (``"max"``, the default: a channel is as important as its most important use, so a
-    residual channel that one block still needs is kept) — and, in ONE global ranking, the lowest channels
-    are removed until ``limit`` of the scored nodes are gone (the global-threshold rule of the paper; a
-    channel feeding several producers counts once per producer). Every layer keeps at least one channel.
-    Unlike the original, residual additions and concatenations are not skipped: their coupled channels are
-    removed together, in every layer. Removal is physical and immediate; during fit the optimizer keeps the
-    state of the kept channels, so training (fine-tuning) goes on with the smaller network. At
-    ``"fit_end"`` pruning runs in ``on_train_end``, before any ``on_fit_end`` hook, so
+    **Pruning** (when ``limit`` is set), after epoch ``prune_at`` (counted from 1; after its validation
+    and any checkpoint written at its end, so a checkpoint's score belongs to the network it holds) or at
+    the end of training (``"fit_end"``): each channel group (see :class:`~lightning_prune.ChannelGroup`)
+    that contains a selected norm layer is scored by its channels' ``|γ|`` — aggregated over all the group's
+    norm layers with ``aggregate`` (``"max"``, the default: a channel is as important as its most important
+    use, so a residual channel that one block still needs is kept) — and, in ONE global ranking, the lowest
+    channels are removed until ``limit`` of the scored nodes are gone (the global-threshold rule of the
+    paper; a channel feeding several producers counts once per producer). Every layer keeps at least one
+    channel. Unlike the original, residual additions and concatenations are not skipped: their coupled
+    channels are removed together, in every layer. Removal is physical and immediate; during fit the
+    optimizer keeps the state of the kept channels, so training (fine-tuning) goes on with the smaller
+    network. At ``"fit_end"`` pruning runs in ``on_train_end``, before any ``on_fit_end`` hook, so
     :class:`~lightning_prune.ShrinkOnFitEnd` (in either order in the callback list) reports and saves the
     pruned network.
 
@@ -117,32 +117,18 @@ class SlimmingL1Callback(PruningCallback):
     ) -> None:
         super().__init__(include=include, exclude=exclude)
         owner = type(self).__name__
-        if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not penalty >= 0:
-            raise PruningError(
-                f"`{owner}(penalty={penalty!r})` is invalid: `penalty` must be a number >= 0; "
-                f"got {penalty!r}."
-            )
-        if not math.isfinite(penalty):
-            raise PruningError(f"`{owner}(penalty={penalty!r})` is invalid: `penalty` must be finite.")
-        self.penalty = float(penalty)
-        self.limit = None if limit is None else check_limit(owner, limit)
+        self.penalty = number(owner, "penalty", penalty, low=0)
+        self.limit = None if limit is None else fraction(owner, "limit", limit)
         self.structured = self.limit is not None
         if isinstance(prune_at, str) and prune_at.isdigit():  # "80" from a command line
             prune_at = int(prune_at)
-        if prune_at != "fit_end" and (
-            isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 1
-        ):
-            raise PruningError(
-                f"`{owner}(prune_at={prune_at!r})` is invalid: `prune_at` must be 'fit_end' or an epoch "
-                "number >= 1."
-            )
+        if prune_at != "fit_end":
+            try:
+                prune_at = integer(owner, "prune_at", prune_at, low=1)
+            except PruningError:
+                raise invalid(owner, "prune_at", prune_at, "'fit_end' or an epoch number >= 1") from None
         self.prune_at = prune_at
-        if aggregate not in AGGREGATES:
-            raise PruningError(
-                f"`{owner}(aggregate={aggregate!r})` is invalid: `aggregate` must be one of "
-                f"{list(AGGREGATES)}."
-            )
-        self.aggregate = aggregate
+        self.aggregate = choice(owner, "aggregate", aggregate, AGGREGATES)
         if self.limit is None and prune_at != "fit_end":
             rank_zero_warn(
                 f"{owner}(prune_at={prune_at!r}) has no effect without `limit`: nothing is pruned."
@@ -214,17 +200,38 @@ class SlimmingL1Callback(PruningCallback):
                 gamma.grad.add_(torch.sign(gamma), alpha=self.penalty)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the |γ| distribution; prune when this is epoch ``prune_at``."""
+        """Log the |γ| distribution."""
         self._log_gammas(trainer, pl_module)
-        if self.limit is not None and not self.pruned and self.prune_at == trainer.current_epoch + 1:
-            self.prune(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prune once epoch ``prune_at`` is complete.
+
+        That is after its validation and the checkpoints written at its end, so that each
+        ``ModelCheckpoint`` file's score belongs to the network it holds.
+        """
+        self._prune_due(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
+        self._prune_due(trainer, pl_module)
+
+    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if self.limit is None or self.pruned or not isinstance(self.prune_at, int):
+            return False
+        if trainer.current_epoch < self.prune_at:
+            return False
+        self.prune(trainer, pl_module)
+        return True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune at the end of training (``prune_at="fit_end"``), before any ``on_fit_end`` hook."""
+        """Prune at the end of training (``prune_at="fit_end"``, or the last epoch), before ``on_fit_end``."""
         if self.limit is None or self.pruned:
             return
-        if self.prune_at == "fit_end":
-            self.prune(trainer, pl_module)
+        if self.prune_at == "fit_end" or self._prune_due(trainer, pl_module):
+            if not self.pruned:
+                self.prune(trainer, pl_module)
             saved = any(getattr(cb, "save_path", None) for cb in trainer.callbacks)
             say = rank_zero_info if saved else rank_zero_warn
             say(

@@ -29,7 +29,7 @@ class Recording(IterativeSNIPCallback):
 
     def prune_step(self, trainer, pl_module, batches):
         super().prune_step(trainer, pl_module, batches)
-        self.epochs.append(trainer.current_epoch + 1 if self.when == "during" else 0)
+        self.epochs.append(trainer.current_epoch if self.when == "during" else 0)  # epochs completed
         self.history.append({n: m.clone() for n, m in self.masks.items()})
 
 
@@ -307,15 +307,16 @@ def test_resuming_with_another_schedule_is_refused(tmp_path):
     other = IterativeSNIPCallback(limit=0.6, steps=2, when="during", prune_delay=0, prune_freq=1)
     with pytest.raises(PruningError, match=r"written with the schedule .* resume with the same `limit`"):
         trainer(tmp_path, [other], max_epochs=4).fit(
-            TinyModule(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+            TinyModule(),
+            ckpt_path=tmp_path / "ckpt" / "epoch=1-step=8.ckpt",  # after the first step
         )
 
 
 # -- rewinding -------------------------------------------------------------------------------------------
 class RewindCheck(IterativeSNIPCallback):
-    def on_train_epoch_end(self, trainer, pl_module):
+    def on_train_epoch_start(self, trainer, pl_module):
         step = self.step
-        super().on_train_epoch_end(trainer, pl_module)
+        super().on_train_epoch_start(trainer, pl_module)
         if self.step > step:
             self.after_event = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 

@@ -37,10 +37,12 @@ def gammas(module):
     [
         (
             {"penalty": -1e-4},
-            r"`SlimmingL1Callback\(penalty=-0.0001\)` is invalid: `penalty` must be a number >= 0",
+            r"`SlimmingL1Callback\(penalty=-0.0001\)` is invalid: `penalty` must be a finite number >= 0; "
+            r"got -0.0001\.",
         ),
-        ({"penalty": float("nan")}, r"`penalty` must be a number >= 0"),
-        ({"penalty": float("inf")}, r"`penalty` must be finite"),
+        ({"penalty": float("nan")}, r"`penalty` must be a finite number >= 0; got nan"),
+        ({"penalty": float("inf")}, r"`penalty` must be a finite number >= 0; got inf"),
+        ({"penalty": "1e-4"}, r"`penalty` must be a finite number >= 0; got '1e-4'"),
         ({"limit": 1.0}, r"`limit` must be in \[0, 1\); got 1.0"),
         ({"limit": -0.2}, r"`limit` must be in \[0, 1\)"),
         ({"prune_at": 0}, r"`prune_at` must be 'fit_end' or an epoch number >= 1"),
@@ -263,7 +265,7 @@ def test_resume_before_and_after_pruning(tmp_path):
     for key, value in first.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
-    after = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"  # pruned at the end of epoch 2
+    after = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"  # pruned after epoch 2 (at the start of epoch 3)
     again, slim3 = Ordered(arch="resnet"), make()
     trainer(tmp_path, [slim3], max_epochs=3).fit(again, ckpt_path=after, weights_only=True)
     assert slim3.pruned and not slim3.report  # resumed as pruned: no second pruning

@@ -241,7 +241,7 @@ def test_resume_keeps_the_tie_and_the_masks(tmp_path):
     trainer(tmp_path, [cb, ckpt], max_epochs=4, enable_checkpointing=True).fit(first)
     assert cb.step == 3 and first.lm_head.weight is first.embed.weight
 
-    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"  # after the first of three steps
+    path = tmp_path / "ckpt" / "epoch=1-step=8.ckpt"  # after the first of three steps (start of epoch 2)
     state = torch.load(path, weights_only=True)  # bools, strings and numbers only
     saved = state["callbacks"][cb.state_key]
     assert saved["step"] == 1 and list(saved["masks"]) == ["hidden.weight", "embed.weight"]
@@ -268,7 +268,7 @@ def test_tied_masks_are_refused_by_an_untied_model(tmp_path):
     pl.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     trainer(tmp_path, [during(), ckpt], max_epochs=3, enable_checkpointing=True).fit(TiedLM())
-    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)
+    state = torch.load(tmp_path / "ckpt" / "epoch=1-step=8.ckpt", weights_only=True)
     cb = during()
     cb.load_state_dict(state["callbacks"][cb.state_key])
     cb.set_masks(TiedLM(), cb.masks)  # tied as before: accepted
