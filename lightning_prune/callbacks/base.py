@@ -26,8 +26,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+from torchmetrics import Metric
 
 from lightning_prune._inputs import ExampleInputs, eager, to_device
 from lightning_prune._params import aliases, canonical_names, layer_weights
@@ -125,6 +127,7 @@ class PruningCallback(Callback):
         if stage != "fit":
             return
         owner = type(self).__name__
+        refuse_sharding(owner, trainer.strategy)
         if not pl_module.automatic_optimization:
             raise PruningError(
                 f"{owner} needs automatic optimization: its sensitivity passes call `training_step` and "
@@ -500,6 +503,88 @@ def shrink_like(copy: nn.Module, removals: Sequence[Removal]) -> None:
             value = r.apply(value.detach())
         state[key] = value.detach()
     load_pruned_state_dict(copy, state)
+
+
+def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    """Re-run ``validation_step`` on the trainer's validation data now; the logged values, averaged.
+
+    For a figure of the network as it is at this moment (e.g. right after pruning, with no validation loop
+    to come). Eval mode, no gradients; ``self.log`` calls are captured instead of logged: each name's values
+    are averaged over batches weighted by the batch size (``batch_size=`` if given, else the batch's first
+    tensor's length), a torchmetrics ``Metric`` logged as an object is computed over all batches. Empty
+    when there is no validation data or no ``validation_step``.
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is None or not is_overridden("validation_step", pl_module, pl.LightningModule):
+        return {}
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    sums: dict[str, list[float]] = {}
+    metrics: dict[str, Any] = {}
+    current = {"size": 1}
+
+    def log(name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+        if hasattr(value, "compute") and hasattr(value, "reset"):
+            metrics[name] = value
+            return
+        weight = batch_size or current["size"]
+        total = sums.setdefault(name, [0.0, 0.0])
+        total[0] += float(value) * weight
+        total[1] += weight
+
+    modes = {m: m.training for m in pl_module.modules()}
+    for m in pl_module.modules():
+        if isinstance(m, Metric):  # start from no state: the last validation epoch may have left some
+            m.reset()
+    pl_module.__dict__["log"] = log
+    try:
+        pl_module.eval()
+        with torch.no_grad(), eager():
+            for index, loader in enumerate(loaders):
+                for batch_idx, batch in enumerate(loader):
+                    batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+                    tensors = [t for t in _tensors_in(batch) if t.dim() > 0]
+                    current["size"] = len(tensors[0]) if tensors else 1
+                    extra = (index,) if len(loaders) > 1 else ()
+                    pl_module.validation_step(batch, batch_idx, *extra)
+        out = {name: total / count for name, (total, count) in sums.items() if count}
+        for name, metric in metrics.items():
+            out[name] = float(metric.compute())
+            metric.reset()
+        return out
+    finally:
+        del pl_module.__dict__["log"]
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _tensors_in(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, Mapping):
+        return [t for v in batch.values() for t in _tensors_in(v)]
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return [t for v in batch for t in _tensors_in(v)]
+    return []
+
+
+def refuse_sharding(owner: str, strategy: Any) -> None:
+    """Raise for strategies that shard parameters (FSDP, DeepSpeed, model parallel).
+
+    Masks, scores and channel surgery need whole tensors. Strategies are recognised by class name, so
+    that their packages need not be importable.
+    """
+    sharded = {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"} & _names(strategy)
+    if sharded:
+        raise PruningError(
+            f"{owner} does not support {type(strategy).__name__} (a {sharded.pop()}): it shards parameters "
+            "across processes, and the masks, scores and channel surgery need whole tensors. Use a single "
+            "device or strategy='ddp'."
+        )
+
+
+def _names(obj: Any) -> set[str]:
+    """Names of ``obj``'s class and its bases (to recognise classes without importing their packages)."""
+    return {cls.__name__ for cls in type(obj).__mro__}
 
 
 def has_forward(module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
-from lightning_prune.callbacks.base import PruningCallback, notify_shrink
+from lightning_prune.callbacks.base import PruningCallback, notify_shrink, refuse_sharding
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import measure_latency, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
@@ -107,6 +107,7 @@ class ShrinkOnFitEnd(Callback):
         self._inputs._example = None
         if stage != "fit":
             return
+        refuse_sharding("ShrinkOnFitEnd", trainer.strategy)
         if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
             raise PruningError(
                 "ShrinkOnFitEnd cannot run under a spawning strategy (ddp_spawn): Lightning copies the "

@@ -13,7 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from lightning_prune._validate import choice, fraction, integer, invalid, number
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PruningCallback, validation_metrics
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGraph, ChannelGroup, lowest_channels, select_layers
@@ -134,6 +134,7 @@ class SlimmingL1Callback(PruningCallback):
                 f"{owner}(prune_at={prune_at!r}) has no effect without `limit`: nothing is pruned."
             )
         self.pruned = False
+        self.evaluation: dict[str, tuple[float | None, float]] = {}  # metric -> (before, after pruning)
         self.report: dict[str, float] = {}
         self._norms: list[str] = []
         self._scales: list[nn.Parameter] = []
@@ -217,21 +218,21 @@ class SlimmingL1Callback(PruningCallback):
         """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
         self._prune_due(trainer, pl_module)
 
-    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluate: bool = False) -> bool:
         if self.limit is None or self.pruned or not isinstance(self.prune_at, int):
             return False
         if trainer.current_epoch < self.prune_at:
             return False
-        self.prune(trainer, pl_module)
+        self.prune(trainer, pl_module, evaluate=evaluate)
         return True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune at the end of training (``prune_at="fit_end"``, or the last epoch), before ``on_fit_end``."""
         if self.limit is None or self.pruned:
             return
-        if self.prune_at == "fit_end" or self._prune_due(trainer, pl_module):
+        if self.prune_at == "fit_end" or self._prune_due(trainer, pl_module, evaluate=True):
             if not self.pruned:
-                self.prune(trainer, pl_module)
+                self.prune(trainer, pl_module, evaluate=True)
             saved = any(getattr(cb, "save_path", None) for cb in trainer.callbacks)
             say = rank_zero_info if saved else rank_zero_warn
             say(
@@ -294,8 +295,17 @@ class SlimmingL1Callback(PruningCallback):
                     scores[g.name] = s
         return scores
 
-    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remove the lowest-|γ| channels now (physically, optimizer state carried over)."""
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluate: bool = False) -> None:
+        """Remove the lowest-|γ| channels now (physically, optimizer state carried over).
+
+        With ``evaluate`` (pruning after the last validation), the validation step is run again on the
+        pruned network: ``trainer.callback_metrics`` then hold its figures (the figures before pruning stay
+        under ``<name>_before_pruning``), and the table shows both.
+
+        Warns when the scales are not separated: when the largest removed score exceeds a tenth of the
+        median kept score, the L1 penalty has not pushed the removed channels towards zero (raise
+        ``penalty``, train longer, or lower ``limit``).
+        """
         owner = type(self).__name__
         example = self.example_inputs(trainer, pl_module)
         graph = ChannelGraph(pl_module, example)
@@ -311,11 +321,21 @@ class SlimmingL1Callback(PruningCallback):
         plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, self.limit))
         groups = {g.name: g for g in graph.groups}
         threshold = max((float(scores[g][c]) for g, chs in plan.items() for c in chs), default=0.0)
+        self._warn_if_not_separated(scores, plan, threshold)
         if plan:
             self.shrink_in_fit(trainer, pl_module, graph, plan)
         self._select_norms(pl_module)  # the scales are new parameters after the shrink
         after = model_stats(pl_module, example)
         self.pruned = True
+        evaluated = validation_metrics(trainer, pl_module) if evaluate else {}
+        self.evaluation = {
+            name: (float(trainer.callback_metrics[name]) if name in trainer.callback_metrics else None, value)
+            for name, value in evaluated.items()
+        }
+        for name, (before_value, value) in self.evaluation.items():
+            if before_value is not None:
+                trainer.callback_metrics[f"{name}_before_pruning"] = torch.tensor(before_value)
+            trainer.callback_metrics[name] = torch.tensor(value)
         self.report = {
             **self.sparsity_metrics(pl_module),
             "slimming/threshold": threshold,
@@ -324,6 +344,7 @@ class SlimmingL1Callback(PruningCallback):
             "slimming/params_after": float(after.params),
             "slimming/macs_before": float(before.macs),
             "slimming/macs_after": float(after.macs),
+            **{f"slimming/after_pruning/{name}": value for name, (_, value) in self.evaluation.items()},
         }
         self.log_metrics(trainer, self.report)
         if trainer.is_global_zero:
@@ -342,12 +363,30 @@ class SlimmingL1Callback(PruningCallback):
         for label, key in (("params", "params"), ("MACs", "macs")):
             b, a = r[f"slimming/{key}_before"], r[f"slimming/{key}_after"]
             table.add_row(label, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.3f}" if b else "-")
+        for name, (b, a) in self.evaluation.items():  # re-validated after pruning
+            ratio = f"{a / b:.3f}" if b else "-"
+            table.add_row(f"{name} (validation)", "-" if b is None else f"{b:.4g}", f"{a:.4g}", ratio)
         table.caption = (
             f"{int(r['slimming/channels_removed'])} channels removed ({self.aggregate} |γ| <= "
             f"{r['slimming/threshold']:.3g}), "
             f"node sparsity {r['prune/node_sparsity']:.1%}"
         )
         return table
+
+    def _warn_if_not_separated(
+        self, scores: dict[str, torch.Tensor], plan: dict[str, list[int]], threshold: float
+    ) -> None:
+        kept = []
+        for name, values in scores.items():
+            gone = set(plan.get(name, ()))
+            kept += [float(v) for c, v in enumerate(values.tolist()) if c not in gone]
+        median = float(torch.tensor(kept).median()) if kept else 0.0
+        if median > 0 and threshold > 0.1 * median:
+            rank_zero_warn(
+                f"{type(self).__name__}(limit={self.limit}): the scales are not separated: removed channels "
+                f"have |γ| up to {threshold:.3g}, more than a tenth of the kept channels' median "
+                f"{median:.3g}. Expect a large accuracy drop; raise `penalty`, train longer or lower `limit`."
+            )
 
     # -- monitoring ----------------------------------------------------------------------------------------
     def _log_gammas(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

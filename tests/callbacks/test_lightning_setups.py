@@ -281,3 +281,17 @@ def test_a_module_without_forward_calling_two_networks_is_refused_before_trainin
     ):
         trainer(tmp_path, [SNAPit(limit=0.5, steps=1)], max_epochs=1).fit(module)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: SNIPCallback(limit=0.5), lambda: SNAPit(limit=0.5), lambda: ShrinkOnFitEnd()]
+)
+def test_sharding_strategies_are_refused_by_every_callback(make):
+    """FSDP needs a GPU in Lightning, so the check is called the way Lightning calls it, with the strategy."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    fake = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True)
+    with pytest.raises(PruningError, match=r"does not support FSDPStrategy .* need whole tensors"):
+        make().setup(fake, TinyModule(), "fit")

@@ -410,3 +410,23 @@ def test_group_norm_and_layer_norm(tmp_path):
     removed = 8 - convs[0].out_channels + 8 - convs[1].out_channels + 16 - module.model[9].normalized_shape[0]
     assert removed == slim.report["slimming/channels_removed"] > 0
     assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
+
+
+def test_pruning_at_fit_end_revalidates_and_warns_when_scales_are_not_separated(tmp_path):
+    """Without sparsity training (penalty 0) the scales are not separated: a warning; the metrics shown
+    at the end are those of the pruned network, the earlier ones kept under `_before_pruning`."""
+    pl.seed_everything(0)
+    module = TinyModule()
+    slim = SlimmingL1Callback(penalty=0.0, limit=0.7)
+    fit = trainer(tmp_path, [slim], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"the scales are not separated: removed channels have \|γ\| up to"):
+        fit.fit(module)
+    module.eval()
+    with torch.no_grad():
+        hits = [(module(x).argmax(1) == y).float() for x, y in module.val_dataloader()]
+        accuracy = float(torch.cat(hits).mean())
+    assert float(fit.callback_metrics["val/acc"]) == pytest.approx(accuracy)
+    assert "val/acc_before_pruning" in fit.callback_metrics
+    before, after = slim.evaluation["val/acc"]
+    assert before == float(fit.callback_metrics["val/acc_before_pruning"]) and after == pytest.approx(accuracy)
+    assert slim.report["slimming/after_pruning/val/acc"] == pytest.approx(accuracy)
