@@ -17,7 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 
-from lightning_prune.callbacks.base import PruningCallback, notify_shrink, refuse_sharding
+from lightning_prune.callbacks._surgery import notify_shrink
+from lightning_prune.callbacks._trainer import refuse_sharding
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import measure_latency, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink

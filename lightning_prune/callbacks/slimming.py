@@ -13,7 +13,8 @@ from rich.table import Table
 from torch import nn
 
 from lightning_prune._validate import choice, fraction, integer, invalid, number
-from lightning_prune.callbacks.base import PruningCallback, validation_metrics
+from lightning_prune.callbacks._trainer import validation_metrics
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGraph, ChannelGroup, lowest_channels, select_layers

@@ -1,14 +1,24 @@
-"""Carry optimizer state across a physical shrink inside ``Trainer.fit``."""
+"""Shrinking inside ``Trainer.fit``: what has to follow the module when its tensors get smaller.
+
+The optimizers (:class:`OptimizerSnapshot`: same objects, new parameters in the same slots, state cut),
+the averaged copies of weight-averaging callbacks, and everyone with an ``on_shrink(removals)`` hook
+(:func:`notify_shrink`, the one public way to be told).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
+from lightning_prune._params import canonical_names
+from lightning_prune.checkpoint import load_pruned_state_dict
 from lightning_prune.structure import Removal
 
 
@@ -67,3 +77,44 @@ def _slice(value: Any, shape: torch.Size, removals: Iterable[Removal]) -> Any:
     for r in removals:
         value = r.apply(value)
     return value
+
+
+def notify_shrink(trainer: pl.Trainer, pl_module: pl.LightningModule, removals: Sequence[Removal]) -> None:
+    """Let everything that holds tensors shaped like the module's parameters follow a shrink.
+
+    - Every callback and the LightningModule itself with an ``on_shrink(removals)`` method (the public
+      hook: cut your own shape-bound tensors, e.g. a module's EMA copy, with ``Removal.apply``).
+    - The averaged copies of Lightning's ``StochasticWeightAveraging``, ``WeightAveraging`` and
+      ``EMAWeightAveraging`` callbacks, cut like the module (values averaged so far are kept).
+    """
+    for cb in trainer.callbacks:
+        for copy in _averaged_copies(cb):
+            shrink_like(copy, removals)
+        hook = getattr(cb, "on_shrink", None)
+        if callable(hook):
+            hook(removals)
+    hook = getattr(pl_module, "on_shrink", None)
+    if callable(hook):
+        hook(removals)
+
+
+def _averaged_copies(callback: Callback) -> list[nn.Module]:
+    """The copies of the module a weight-averaging callback keeps (Lightning's, by their attribute)."""
+    copy = getattr(callback, "_average_model", None)
+    if isinstance(copy, AveragedModel):
+        return [copy.module]
+    return [copy] if isinstance(copy, nn.Module) else []
+
+
+def shrink_like(copy: nn.Module, removals: Sequence[Removal]) -> None:
+    """Cut ``copy`` (same tensor names as the module ``removals`` were made on) the same way."""
+    cuts: dict[str, list[Removal]] = {}
+    for r in removals:
+        cuts.setdefault(r.param, []).append(r)
+    canonical = canonical_names(copy, buffers=True)
+    state = {}
+    for key, value in copy.state_dict(keep_vars=True).items():
+        for r in cuts.get(canonical.get(key, key), ()):
+            value = r.apply(value.detach())
+        state[key] = value.detach()
+    load_pruned_state_dict(copy, state)
