@@ -26,9 +26,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs
-from lightning_prune._params import aliases, canonical_names, layer_weights
+from lightning_prune._params import canonical_names, layer_weights
 from lightning_prune._validate import integer, patterns
 from lightning_prune.callbacks import _trainer
+from lightning_prune.callbacks._masks import Masks
 from lightning_prune.callbacks._surgery import OptimizerSnapshot, notify_shrink
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
@@ -70,14 +71,11 @@ class PruningCallback(Callback):
         self.include = patterns(owner, "include", include)
         self.exclude = patterns(owner, "exclude", exclude)
         self.num_batches = integer(owner, "num_batches", num_batches, low=1)
-        self.masks: dict[str, torch.Tensor] = {}
+        self.mask_state = Masks(owner)  # the masks, and the optimizer hooks that keep them
         self.shrunk = False
         self.initial: dict[str, int] = {}  # weights / nodes before any pruning, for sparsity figures
-        self.tied: dict[str, str] = {}  # other names of masked shared parameters → their canonical name
         self._layers: list[str] = []
         self._node_layers: list[str] = []  # selected layers whose outputs are not model outputs
-        self._hooks: list[Any] = []
-        self._masked: list[tuple[list[torch.Tensor], list[torch.Tensor], Any]] = []
         self._resize_hook: Any = None
         self._example: ExampleInputs | None = None
         self.refused_groups: dict[str, str] = {}  # group -> why its channels could not be removed exactly
@@ -184,11 +182,7 @@ class PruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Zero masked gradients: after backward and AMP unscaling, before clipping and the step."""
-        for weights, masks, owner in self._masked:
-            if owner is optimizer:
-                for w, m in zip(weights, masks, strict=True):
-                    if w.grad is not None:
-                        w.grad.mul_(m)
+        self.mask_state.zero_grads(optimizer)
 
     def _detach_resize(self) -> None:
         if getattr(self, "_resize_hook", None) is not None:
@@ -199,99 +193,49 @@ class PruningCallback(Callback):
         """Detach the optimizer hooks."""
         self._detach()
 
-    # -- masks -------------------------------------------------------------------------------------------
+    # -- masks (see ``_masks.Masks``) ----------------------------------------------------------------------
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Canonical parameter name → bool mask (True = kept)."""
+        return self.mask_state.masks
+
+    @masks.setter
+    def masks(self, value: dict[str, torch.Tensor]) -> None:
+        self.mask_state.masks = value
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """Other names of masked shared parameters → their canonical name."""
+        return self.mask_state.tied
+
+    @tied.setter
+    def tied(self, value: dict[str, str]) -> None:
+        self.mask_state.tied = value
+
     def set_masks(self, pl_module: pl.LightningModule, masks: Mapping[str, torch.Tensor]) -> None:
-        """Adopt new masks (parameter name → bool tensor) and zero the masked weights now.
+        """Adopt new masks (parameter name → bool tensor) and zero the masked weights now."""
+        self.mask_state.adopt(pl_module, masks)
 
-        Masks are kept under canonical parameter names: one given under another name of a shared
-        parameter (``lm_head.weight`` tied to ``embed.weight``) is filed under the canonical name, and two
-        masks of one parameter are combined (an entry is kept only if both keep it).
-
-        Raises:
-            PruningError: A name that is not a parameter of the module, a mask shaped unlike its
-                parameter, or masks made while two names shared one parameter that are separate here.
-        """
-        owner = type(self).__name__
-        names = canonical_names(pl_module)
-        params = dict(pl_module.named_parameters())
-        adopted: dict[str, torch.Tensor] = {}
-        for name, mask in masks.items():
-            if name not in names:
-                raise PruningError(
-                    f"{owner}: there is a mask for {name}, which is not a parameter of "
-                    f"{type(pl_module).__name__}; the checkpoint does not match this model."
-                )
-            key = names[name]
-            if params[key].shape != mask.shape:
-                raise PruningError(
-                    f"{owner}: the mask of {name} has shape {tuple(mask.shape)} but the parameter has "
-                    f"{tuple(params[key].shape)}; the checkpoint does not match this model."
-                )
-            mask = mask.to(params[key].device, torch.bool)
-            adopted[key] = adopted[key] & mask if key in adopted else mask
-        untied = sorted(a for a, c in self.tied.items() if c in adopted and names.get(a) != c)
-        if untied:
-            raise PruningError(
-                f"{owner}: the masks were made while {untied[0]} was tied to {self.tied[untied[0]]} (one "
-                "parameter), but in this model it is a separate parameter: its weights would escape the "
-                "mask. Tie them as when the masks were made (e.g. `tie_word_embeddings=True`)."
-            )
-        self.masks = adopted
-        self.tied = {a: c for a, c in aliases(pl_module).items() if c in adopted}
-        self.apply_masks(pl_module)
-
-    @torch.no_grad()
     def apply_masks(self, pl_module: pl.LightningModule) -> None:
         """Zero every masked weight (in place)."""
-        params = dict(pl_module.named_parameters())
-        for name, mask in self.masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+        self.mask_state.apply(pl_module)
 
     def on_shrink(self, removals: Sequence[Removal]) -> None:
         """Called on every pruning callback after any of them shrank the model: cut per-parameter state.
 
         The default cuts the masks; subclasses keeping other tensors shaped like parameters extend it.
         """
-        self.slice_masks(removals)
-
-    def slice_masks(self, removals: Sequence[Removal]) -> None:
-        """Cut the masks like their parameters were cut by a shrink."""
-        for r in removals:
-            if r.param in self.masks:
-                self.masks[r.param] = r.apply(self.masks[r.param])
+        self.mask_state.cut(removals)
 
     def make_permanent(self, pl_module: pl.LightningModule) -> None:
         """Zero the masked weights a last time and forget the masks: the zeros are now plain weights."""
-        self.apply_masks(pl_module)
-        self._detach()
-        self.masks, self.tied = {}, {}
+        self.mask_state.clear(pl_module)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-        if not self.masks:
-            return
-        self.set_masks(pl_module, self.masks)
-        params = dict(pl_module.named_parameters())
-        for opt in trainer.strategy.optimizers:
-            owned = {id(p) for g in opt.param_groups for p in g["params"]}
-            pairs = [(params[n], m) for n, m in self.masks.items() if id(params[n]) in owned]
-            if not pairs:
-                continue
-            weights = [p for p, _ in pairs]
-            masks = [m.to(p.dtype) for p, m in pairs]
-            self._masked.append((weights, masks, opt))
-
-            @torch.no_grad()
-            def zero_weights(_opt, _args, _kwargs, weights=weights, masks=masks) -> None:
-                torch._foreach_mul_(weights, masks)
-
-            self._hooks.append(opt.register_step_post_hook(zero_weights))
+        self.mask_state.attach(trainer, pl_module)
 
     def _detach(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        self._masked = []
+        self.mask_state.detach()
 
     # -- sensitivity passes (see ``_trainer``) ------------------------------------------------------------
     def scoring_batches(self, trainer: pl.Trainer, batches: Iterator[Any]) -> list[Any]:

@@ -428,5 +428,6 @@ def test_pruning_at_fit_end_revalidates_and_warns_when_scales_are_not_separated(
     assert float(fit.callback_metrics["val/acc"]) == pytest.approx(accuracy)
     assert "val/acc_before_pruning" in fit.callback_metrics
     before, after = slim.evaluation["val/acc"]
-    assert before == float(fit.callback_metrics["val/acc_before_pruning"]) and after == pytest.approx(accuracy)
+    assert before == float(fit.callback_metrics["val/acc_before_pruning"])
+    assert after == pytest.approx(accuracy)
     assert slim.report["slimming/after_pruning/val/acc"] == pytest.approx(accuracy)
