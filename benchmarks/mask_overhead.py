@@ -90,8 +90,8 @@ def main() -> None:
     )
     run(args.warmup + 2, 0, [snip])
     run(args.warmup + 2, 0, [unstructured, shrink_cb])
-    print(f"scoring + structured shrink (SNIP, limit 0.5): {snip.report['prune/seconds']:.3f} s")
-    print(f"scoring + masking (SNIP, limit 0.9): {unstructured.report['prune/seconds']:.3f} s")
+    print(f"scoring + structured shrink (SNIP, limit 0.5): {snip.report.seconds:.3f} s")
+    print(f"scoring + masking (SNIP, limit 0.9): {unstructured.report.seconds:.3f} s")
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def run_one(config: dict[str, Any], data: MNISTDataModule) -> dict[str, Any]:
     }
     report = getattr(callbacks[0], "report", None) if callbacks else None
     if report:
-        record["prune_report"] = {k: float(v) for k, v in report.items()}
+        record["prune_report"] = report.metrics()
     return record
 
 

@@ -165,7 +165,7 @@ def test_snapit_during_config_shrinks_at_each_event(in_tmp, captured):
     (cli,) = captured
     snapit = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SNAPit))
     assert snapit.step == 5
-    assert snapit.report["prune/node_sparsity"] == pytest.approx(0.8, abs=0.02)
+    assert snapit.report.node_sparsity == pytest.approx(0.8, abs=0.02)
     dense = sum(p.numel() for p in DigitsClassifier().parameters())
     assert sum(p.numel() for p in cli.model.parameters()) < 0.2 * dense
     loaded = load_pruned_checkpoint(DigitsClassifier, in_tmp / "outputs" / "digits_snapit" / "shrunk.pt")

@@ -60,7 +60,7 @@ def test_slimming_three_stages_run(name, fake_root, no_md5, captured, tmp_path):
     config = EXAMPLES / "slimming" / f"{name}.yaml"
     main(["fit", "--config", str(config), *fast(fake_root)])
     slim = next(cb for cb in captured[0].trainer.callbacks if isinstance(cb, SlimmingL1Callback))
-    assert slim.pruned and slim.report["slimming/channels_removed"] > 0
+    assert slim.pruned and slim.report.channels_removed > 0
     pruned = tmp_path / "outputs" / "slimming" / name / "pruned.pt"
     assert pruned.is_file()
 

@@ -31,6 +31,7 @@ from lightning_prune._validate import integer, patterns
 from lightning_prune.callbacks import _trainer
 from lightning_prune.callbacks._masks import Masks
 from lightning_prune.callbacks._surgery import OptimizerSnapshot, notify_shrink
+from lightning_prune.callbacks.reports import Sparsity
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
 from lightning_prune.structure import ChannelGraph, Removal, prune_or_refuse, select_layers
@@ -306,23 +307,21 @@ class PruningCallback(Callback):
         """
         return layer_weights(pl_module, self._layers)
 
-    def sparsity_metrics(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Sparsity figures of the selected layers.
+    def sparsity(self, pl_module: pl.LightningModule) -> Sparsity:
+        """Sparsity of the selected layers now (see :class:`~lightning_prune.callbacks.reports.Sparsity`).
 
-        ``prune/weight_sparsity`` (of the selected weights, against their count before pruning),
-        ``prune/node_sparsity`` (output channels of the selected conv/linear layers that do not produce a
-        model output, against their count before pruning) and ``prune/params``.
+        The first call records the counts before pruning that later calls compare with.
         """
         weights = self.prunable_weights(pl_module)
         nonzero = sum(int(w.count_nonzero()) for w in weights.values())
         nodes = _node_count(pl_module, self._node_layers or self._layers)
         self.initial.setdefault("weights", sum(w.numel() for w in weights.values()))
         self.initial.setdefault("nodes", nodes)
-        return {
-            "prune/weight_sparsity": 1.0 - nonzero / max(self.initial["weights"], 1),
-            "prune/node_sparsity": 1.0 - nodes / max(self.initial["nodes"], 1),
-            "prune/params": float(sum(p.numel() for p in pl_module.parameters())),
-        }
+        return Sparsity(
+            weight_sparsity=1.0 - nonzero / max(self.initial["weights"], 1),
+            node_sparsity=1.0 - nodes / max(self.initial["nodes"], 1),
+            params=sum(p.numel() for p in pl_module.parameters()),
+        )
 
     def log_metrics(self, trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
         """Send figures to every logger (rank 0) and to ``trainer.callback_metrics``."""

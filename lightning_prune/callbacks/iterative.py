@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_prune._validate import boolean, choice, fraction, integer, invalid
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.reports import StepReport
 from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
 from lightning_prune.schedules import snipit_schedule
@@ -140,7 +141,7 @@ class IterativeSNIPCallback(PruningCallback):
             )
         self.step = 0  # pruning steps done
         self.rewind: dict[str, torch.Tensor] = {}
-        self.report: dict[str, float] = {}
+        self.report: StepReport | None = None  # after the last step
 
     def event_epochs(self) -> list[int]:
         """Epochs (counted from 1) at whose end the steps run when ``when="during"``."""
@@ -278,7 +279,8 @@ class IterativeSNIPCallback(PruningCallback):
         """Run a step due at the end of the last epoch; warn if training stopped before the schedule's end."""
         self._prune_due(trainer, pl_module)
         if self.step < len(self.schedule):
-            reached = self.report.get(f"prune/{'node' if self.structured else 'weight'}_sparsity", 0.0)
+            kind = "node_sparsity" if self.structured else "weight_sparsity"
+            reached = getattr(self.report, kind) if self.report is not None else 0.0
             rank_zero_warn(
                 f"{type(self).__name__}: training stopped after {self.step} of {len(self.schedule)} pruning "
                 f"steps, at sparsity {reached:.2%} instead of limit={self.limit}."
@@ -309,20 +311,22 @@ class IterativeSNIPCallback(PruningCallback):
         else:
             self._prune_weights(trainer, pl_module, inputs, target)
         self.step += 1
-        metrics = self.sparsity_metrics(pl_module)
+        macs = None
         if self.structured:  # masking does not change the (dense) MAC count
-            metrics["prune/macs"] = float(
-                model_stats(pl_module, self.example_inputs(trainer, pl_module)).macs
-            )
-        metrics.update({"prune/step": float(self.step), "prune/target": target})
-        metrics["prune/seconds"] = time.perf_counter() - started
-        self.report = metrics
-        self.log_metrics(trainer, metrics)
+            macs = model_stats(pl_module, self.example_inputs(trainer, pl_module)).macs
+        self.report = StepReport(
+            **vars(self.sparsity(pl_module)),
+            step=self.step,
+            target=target,
+            seconds=time.perf_counter() - started,
+            macs=macs,
+        )
+        self.log_metrics(trainer, self.report.metrics())
         kind = "node" if self.structured else "weight"
         rank_zero_info(
             f"{type(self).__name__}: step {self.step}/{len(self.schedule)} ({self.criterion_name}), {kind} "
-            f"sparsity {metrics[f'prune/{kind}_sparsity']:.2%} (target {target:.2%}), "
-            f"{int(metrics['prune/params']):,} params ({metrics['prune/seconds']:.1f} s)"
+            f"sparsity {getattr(self.report, f'{kind}_sparsity'):.2%} (target {target:.2%}), "
+            f"{self.report.params:,} params ({self.report.seconds:.1f} s)"
         )
 
     def _checked(self, scores: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict:
@@ -345,7 +349,7 @@ class IterativeSNIPCallback(PruningCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: ScoringInputs, target: float
     ) -> None:
         weights = self.prunable_weights(pl_module)
-        self.sparsity_metrics(pl_module)  # record the counts before pruning
+        self.sparsity(pl_module)  # record the counts before pruning
         inputs = ScoringInputs(pl_module, weights, inputs.losses, (), inputs.generator)
         scores = self._checked(self.criterion.weight_scores(inputs), {n: w.shape for n, w in weights.items()})
         flat = []
@@ -382,7 +386,7 @@ class IterativeSNIPCallback(PruningCallback):
         graph = self._graph(trainer, pl_module)
         outputs = graph.output_layers
         self._node_layers = [n for n in self._layers if n not in outputs]
-        before = self.sparsity_metrics(pl_module)["prune/node_sparsity"]
+        before = self.sparsity(pl_module).node_sparsity
         groups = [g for g in graph.groups if g.prunable and g.size > 1]
         if not groups:
             if self.step == 0:

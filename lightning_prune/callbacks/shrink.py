@@ -20,6 +20,7 @@ from rich.table import Table
 from lightning_prune.callbacks._surgery import notify_shrink
 from lightning_prune.callbacks._trainer import refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import measure_latency, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
@@ -33,7 +34,8 @@ class ShrinkOnFitEnd(Callback):
     coupled layer. A rich table compares params, non-zero params, MACs, latency (batch 1 and
     ``latency_batch_size``, median of ``latency_repeats``, on the module's device) and checkpoint size at the
     start of fit (before any callback pruned) and at the end; the same figures go to the trainer's loggers
-    (``shrink/<figure>_before``/``_after``) and to :attr:`report`.
+    (``shrink/<figure>_before``/``_after``) and to :attr:`report` (a
+    :class:`~lightning_prune.callbacks.reports.GainReport`).
 
     Example inputs are ``LightningModule.example_input_array`` if set, else the inputs of one training batch.
 
@@ -86,19 +88,23 @@ class ShrinkOnFitEnd(Callback):
             )
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
-        self.report: dict[str, float] = {}
+        self.report: GainReport | None = None  # at the end of fit
         self.shrink_report: ShrinkReport | None = None
-        self._before: dict[str, float] = {}
+        self._before: Figures | None = None
         self._device = torch.device("cpu")
         self._inputs = PruningCallback()  # finds (and caches) example inputs when no pruner is present
 
     def state_dict(self) -> dict[str, Any]:
         """The figures measured at the start of the first fit (so a resumed fit compares with them)."""
-        return {"before": dict(self._before)}
+        return {"before": self._before.short() if self._before is not None else {}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the start-of-fit figures."""
-        self._before = dict(state_dict.get("before", {}))
+        saved = state_dict.get("before", {})
+        try:
+            self._before = Figures.from_short(saved, self.latency_batch_size) if saved else None
+        except KeyError:  # written with another latency_batch_size: measure again
+            self._before = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before fit: refuse spawning strategies and check (on rank 0) that ``save_path`` can be written.
@@ -133,7 +139,7 @@ class ShrinkOnFitEnd(Callback):
         the end of fit; it does not modify the model.
         """
         self._device = pl_module.device
-        if not self._before:
+        if self._before is None:
             self._before = self._measure(trainer, pl_module)
         try:
             ChannelGraph(pl_module, self._example(trainer, pl_module))
@@ -163,17 +169,14 @@ class ShrinkOnFitEnd(Callback):
         notify_shrink(trainer, pl_module, result.removals)  # a module's own shape-bound tensors follow
         if trainer.is_global_zero and self.save_path is not None:
             save_shrunk(pl_module, self.save_path)  # first: nothing below can lose the shrunk weights
-        after = self._measure(trainer, pl_module)
-        self.report = {
-            **{f"shrink/{k}_before": v for k, v in self._before.items()},
-            **{f"shrink/{k}_after": v for k, v in after.items()},
-            "shrink/channels_removed": float(result.channels_removed),
-        }
-        for key, value in self.report.items():
+        before = self._before or self._measure(trainer, pl_module)
+        self.report = GainReport(before, self._measure(trainer, pl_module), result.channels_removed)
+        metrics = self.report.metrics()
+        for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self.report, step=trainer.global_step)
+                logger.log_metrics(metrics, step=trainer.global_step)
                 logger.save()
             Console().print(self.table())
         pl_module.to(teardown_device)
@@ -199,22 +202,23 @@ class ShrinkOnFitEnd(Callback):
         pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]
         return (pruners[0] if pruners else self._inputs).example_inputs(trainer, pl_module)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures:
         example = self._example(trainer, pl_module)
         stats = model_stats(pl_module, example)
         buffer = io.BytesIO()
         torch.save(pl_module.state_dict(), buffer)
         one = _first_sample(example)
         big = self.latency_batch_size
-        return {
-            "params": float(stats.params),
-            "nonzero_params": float(stats.nonzero_params),
-            "macs": float(stats.macs),
-            "latency_b1_ms": 1e3 * measure_latency(pl_module, one, repeats=self.latency_repeats),
-            f"latency_b{big}_ms": 1e3
+        return Figures(
+            params=stats.params,
+            nonzero_params=stats.nonzero_params,
+            macs=stats.macs,
+            latency_b1_ms=1e3 * measure_latency(pl_module, one, repeats=self.latency_repeats),
+            latency_batch_ms=1e3
             * measure_latency(pl_module, one, batch_size=big, repeats=self.latency_repeats),
-            "checkpoint_mb": buffer.getbuffer().nbytes / 2**20,
-        }
+            batch_size=big,
+            checkpoint_mb=buffer.getbuffer().nbytes / 2**20,
+        )
 
     def table(self) -> Table:
         """The before/after table as a rich ``Table``."""
@@ -227,17 +231,13 @@ class ShrinkOnFitEnd(Callback):
             ("non-zero params", "nonzero_params", "{:,.0f}"),
             ("MACs", "macs", "{:,.0f}"),
             ("latency, batch 1 (ms)", "latency_b1_ms", "{:.3f}"),
-            (
-                f"latency, batch {self.latency_batch_size} (ms)",
-                f"latency_b{self.latency_batch_size}_ms",
-                "{:.3f}",
-            ),
+            (f"latency, batch {r.after.batch_size} (ms)", "latency_batch_ms", "{:.3f}"),
             ("checkpoint (MB)", "checkpoint_mb", "{:.3f}"),
         ]
         for label, key, fmt in rows:
-            b, a = r[f"shrink/{key}_before"], r[f"shrink/{key}_after"]
+            b, a = getattr(r.before, key), getattr(r.after, key)
             table.add_row(label, fmt.format(b), fmt.format(a), f"{a / b:.3f}" if b else "-")
-        table.caption = f"{int(r['shrink/channels_removed'])} dead channels removed at the end of fit"
+        table.caption = f"{r.channels_removed} dead channels removed at the end of fit"
         return table
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from lightning_prune._validate import choice, fraction, integer, invalid, number
 from lightning_prune.callbacks._trainer import validation_metrics
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.reports import SlimmingReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGraph, ChannelGroup, lowest_channels, select_layers
@@ -136,7 +137,7 @@ class SlimmingL1Callback(PruningCallback):
             )
         self.pruned = False
         self.evaluation: dict[str, tuple[float | None, float]] = {}  # metric -> (before, after pruning)
-        self.report: dict[str, float] = {}
+        self.report: SlimmingReport | None = None  # after pruning
         self._norms: list[str] = []
         self._scales: list[nn.Parameter] = []
 
@@ -312,7 +313,7 @@ class SlimmingL1Callback(PruningCallback):
         graph = ChannelGraph(pl_module, example)
         self._node_layers = [n for n in self._layers if n not in graph.output_layers]
         before = model_stats(pl_module, example)
-        self.sparsity_metrics(pl_module)  # counts before pruning
+        self.sparsity(pl_module)  # counts before pruning
         scores = self._scores(graph, pl_module)
         if not scores:
             raise PruningError(
@@ -337,22 +338,22 @@ class SlimmingL1Callback(PruningCallback):
             if before_value is not None:
                 trainer.callback_metrics[f"{name}_before_pruning"] = torch.tensor(before_value)
             trainer.callback_metrics[name] = torch.tensor(value)
-        self.report = {
-            **self.sparsity_metrics(pl_module),
-            "slimming/threshold": threshold,
-            "slimming/channels_removed": float(sum(len(c) * groups[g].ties for g, c in plan.items())),
-            "slimming/params_before": float(before.params),
-            "slimming/params_after": float(after.params),
-            "slimming/macs_before": float(before.macs),
-            "slimming/macs_after": float(after.macs),
-            **{f"slimming/after_pruning/{name}": value for name, (_, value) in self.evaluation.items()},
-        }
-        self.log_metrics(trainer, self.report)
+        self.report = SlimmingReport(
+            **vars(self.sparsity(pl_module)),
+            threshold=threshold,
+            channels_removed=sum(len(c) * groups[g].ties for g, c in plan.items()),
+            params_before=before.params,
+            params_after=after.params,
+            macs_before=before.macs,
+            macs_after=after.macs,
+            after_pruning={name: value for name, (_, value) in self.evaluation.items()},
+        )
+        self.log_metrics(trainer, self.report.metrics())
         if trainer.is_global_zero:
             Console().print(self.table())
         rank_zero_info(
-            f"{owner}: removed {int(self.report['slimming/channels_removed'])} channels with score <= "
-            f"{threshold:.3g} (node sparsity {self.report['prune/node_sparsity']:.2%})"
+            f"{owner}: removed {self.report.channels_removed} channels with score <= "
+            f"{threshold:.3g} (node sparsity {self.report.node_sparsity:.2%})"
         )
 
     def table(self) -> Table:
@@ -361,16 +362,17 @@ class SlimmingL1Callback(PruningCallback):
         table = Table(title="lightning-prune: Network Slimming")
         for column in ("", "before pruning", "after pruning", "after / before"):
             table.add_column(column, justify="right" if column else "left")
-        for label, key in (("params", "params"), ("MACs", "macs")):
-            b, a = r[f"slimming/{key}_before"], r[f"slimming/{key}_after"]
+        for label, b, a in (
+            ("params", r.params_before, r.params_after),
+            ("MACs", r.macs_before, r.macs_after),
+        ):
             table.add_row(label, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.3f}" if b else "-")
         for name, (b, a) in self.evaluation.items():  # re-validated after pruning
             ratio = f"{a / b:.3f}" if b else "-"
             table.add_row(f"{name} (validation)", "-" if b is None else f"{b:.4g}", f"{a:.4g}", ratio)
         table.caption = (
-            f"{int(r['slimming/channels_removed'])} channels removed ({self.aggregate} |γ| <= "
-            f"{r['slimming/threshold']:.3g}), "
-            f"node sparsity {r['prune/node_sparsity']:.1%}"
+            f"{r.channels_removed} channels removed ({self.aggregate} |γ| <= {r.threshold:.3g}), "
+            f"node sparsity {r.node_sparsity:.1%}"
         )
         return table
 

@@ -156,7 +156,7 @@ def test_snipit_before_prunes_along_the_schedule_with_nested_masks(tmp_path):
     params = dict(module.named_parameters())
     for name, mask in cb.masks.items():  # pruned weights stayed exactly zero through training
         assert torch.all(params[name][~mask] == 0)
-    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.9, abs=1 / total)
+    assert cb.report.weight_sparsity == pytest.approx(0.9, abs=1 / total)
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
@@ -173,8 +173,8 @@ def test_snapit_before_shrinks_the_network_step_by_step(tmp_path, arch):
 
     trainer(tmp_path, [cb, Loss()], max_epochs=2).fit(module)
     assert cb.step == len(cb.schedule) == 4
-    assert 1 - node_count(module) / nodes == pytest.approx(cb.report["prune/node_sparsity"])
-    assert cb.report["prune/node_sparsity"] == pytest.approx(0.6, abs=0.07)
+    assert 1 - node_count(module) / nodes == pytest.approx(cb.report.node_sparsity)
+    assert cb.report.node_sparsity == pytest.approx(0.6, abs=0.07)
     assert not cb.masks  # structured pruning removes, it does not mask
     assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
@@ -186,7 +186,7 @@ def test_during_events_follow_delay_and_freq(tmp_path):
     cb = Recording(limit=0.8, steps=1, when="during", prune_delay=1, prune_freq=2, num_batches=1)
     trainer(tmp_path, [cb], max_epochs=8).fit(TinyModule(n=32))
     assert cb.epochs == [e for e in range(1, 9) if e - 1 > 0 and (e - 1) % 2 == 0][:3] == [3, 5, 7]
-    assert cb.report["prune/weight_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert cb.report.weight_sparsity == pytest.approx(0.8, abs=1e-3)
 
 
 class OptimizerStateCheck(IterativeSNIPCallback):
@@ -368,7 +368,7 @@ def test_rewinding_survives_another_callbacks_shrink(tmp_path):
     assert module.model.features[0].out_channels < 8
     for name, value in imp.rewind.items():
         assert value.shape == params[name].shape, name
-    assert imp.report["prune/weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert imp.report.weight_sparsity == pytest.approx(0.5, abs=1e-3)
 
 
 # -- every criterion through the callback: the highest scores are kept ---------------------------------
@@ -439,7 +439,7 @@ def test_snapit_preset_shrinks_torchvision_models(tmp_path, name):
     cb = SNAPit(steps=1, num_batches=1)  # limit 0.93, three steps: 0.5, 0.715, 0.93
     trainer(tmp_path, [cb], max_steps=2).fit(module)
     assert cb.step == 3
-    assert cb.report["prune/node_sparsity"] == pytest.approx(0.93, abs=0.01)
+    assert cb.report.node_sparsity == pytest.approx(0.93, abs=0.01)
     assert sum(p.numel() for p in module.parameters()) < 0.1 * params
     module.eval()
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 4)

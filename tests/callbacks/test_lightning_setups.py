@@ -270,7 +270,7 @@ def test_a_module_without_forward_is_traced_through_its_training_step(tmp_path):
     with torch.no_grad():
         twin.net.classifier[3].bias.add_(1.0)
     torch.testing.assert_close(twin(x), module(x) + 1.0)  # a copy's forward calls the copy's network
-    assert shrinker.report["shrink/params_after"] < shrinker.report["shrink/params_before"]
+    assert shrinker.report.after.params < shrinker.report.before.params
 
 
 def test_a_module_without_forward_calling_two_networks_is_refused_before_training(tmp_path):

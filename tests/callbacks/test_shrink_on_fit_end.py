@@ -29,10 +29,11 @@ def test_structured_snip_then_shrink_saves_a_checkpoint_that_reloads(tmp_path):
     )
 
     r = shrinker.report
-    assert r["shrink/params_after"] < r["shrink/params_before"]
-    assert r["shrink/macs_after"] < r["shrink/macs_before"]
-    assert r["shrink/checkpoint_mb_after"] < r["shrink/checkpoint_mb_before"]
-    assert r["shrink/latency_b1_ms_after"] > 0 and r["shrink/latency_b8_ms_before"] > 0
+    assert r.after.params < r.before.params
+    assert r.after.macs < r.before.macs
+    assert r.after.checkpoint_mb < r.before.checkpoint_mb
+    assert r.after.latency_b1_ms > 0 and r.before.latency_batch_ms > 0 and r.before.batch_size == 8
+    assert r.metrics()["shrink/latency_b8_ms_before"] == r.before.latency_batch_ms
     assert "shrink/macs_after" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "params" in str(shrinker.table().columns[0]._cells)
 
@@ -42,7 +43,7 @@ def test_structured_snip_then_shrink_saves_a_checkpoint_that_reloads(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     module.eval()
     torch.testing.assert_close(loaded(x), module(x))
-    assert sum(p.numel() for p in loaded.parameters()) == r["shrink/params_after"]
+    assert sum(p.numel() for p in loaded.parameters()) == r.after.params
 
 
 def test_unstructured_masks_become_permanent_and_dead_channels_go(tmp_path):
@@ -72,8 +73,8 @@ def test_unstructured_masks_become_permanent_and_dead_channels_go(tmp_path):
     trainer(tmp_path, [snip, KillTwo(), shrinker], max_epochs=1).fit(module)
     assert snip.masks == {}  # permanent: the zeros are plain weights now
     assert module.model.features[0].out_channels == 6
-    assert shrinker.report["shrink/channels_removed"] == 2
-    assert shrinker.report["shrink/nonzero_params_after"] < 0.8 * shrinker.report["shrink/params_before"]
+    assert shrinker.report.channels_removed == 2
+    assert shrinker.report.after.nonzero_params < 0.8 * shrinker.report.before.params
 
 
 def test_resumed_fit_compares_with_the_first_start(tmp_path):
@@ -84,9 +85,9 @@ def test_resumed_fit_compares_with_the_first_start(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1)
     cbs = [SNIPCallback(limit=0.5, structured=True), shrinker, ckpt]
     trainer(tmp_path, cbs, max_epochs=1, enable_checkpointing=True).fit(TinyModule())
-    first = shrinker.report["shrink/params_before"]
+    first = shrinker.report.before.params
     again = ShrinkOnFitEnd(latency_repeats=2, latency_batch_size=4)
     cbs = [SNIPCallback(limit=0.5, structured=True), again]
     trainer(tmp_path, cbs, max_epochs=2).fit(TinyModule(), ckpt_path=tmp_path / "c" / "epoch=0-step=4.ckpt")
-    assert again.report["shrink/params_before"] == first
-    assert again.report["shrink/params_after"] < first
+    assert again.report.before.params == first
+    assert again.report.after.params < first

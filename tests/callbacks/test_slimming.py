@@ -177,8 +177,8 @@ def test_dead_channels_of_every_coupled_group_are_removed_exactly(tmp_path, arch
     slim = SlimmingL1Callback(penalty=0.0, limit=dead_nodes / total)
     before, after = Outputs(), Outputs()
     trainer(tmp_path, [before, slim, after], max_epochs=1).fit(module)
-    assert slim.report["slimming/channels_removed"] == sum(dead.values())
-    assert slim.report["slimming/threshold"] == 0.0  # only zero-γ channels went
+    assert slim.report.channels_removed == sum(dead.values())
+    assert slim.report.threshold == 0.0  # only zero-γ channels went
     torch.testing.assert_close(after.value, before.value, rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in module.parameters()) < params
 
@@ -201,9 +201,7 @@ def test_prunes_at_an_epoch_and_training_goes_on(tmp_path, arch):
     # linear layer has no BatchNorm and is not scored): 40% of 24 is 10 channels, 10 of 40 nodes overall;
     # in the ResNet every node is scored (a stem channel counts 3: stem conv + two block outputs).
     expected = {"cnn": (10, 0.25), "resnet": (12, 16 / 40), "densenet": (6, 6 / 16)}[arch]
-    assert (slim.report["slimming/channels_removed"], slim.report["prune/node_sparsity"]) == pytest.approx(
-        expected
-    )
+    assert (slim.report.channels_removed, slim.report.node_sparsity) == pytest.approx(expected)
     assert sum(p.numel() for p in module.parameters()) < params
     assert len(steps) == 12 and all(torch.isfinite(torch.tensor(steps)))
     assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
@@ -239,8 +237,8 @@ def test_composes_with_shrink_on_fit_end_in_either_order(tmp_path, order):
     callbacks = [slim, shrinker] if order == "slimming-first" else [shrinker, slim]
     trainer(tmp_path, callbacks, max_epochs=2).fit(module)
     params = float(sum(p.numel() for p in module.parameters()))
-    assert shrinker.report["shrink/params_after"] == params == slim.report["slimming/params_after"]
-    assert shrinker.report["shrink/params_before"] > params
+    assert shrinker.report.after.params == params == slim.report.params_after
+    assert shrinker.report.before.params > params
     loaded = load_pruned_checkpoint(TinyModule, tmp_path / "small.pt")
     module.eval()
     x = torch.randn(2, 3, 8, 8)
@@ -268,7 +266,7 @@ def test_resume_before_and_after_pruning(tmp_path):
     after = tmp_path / "ckpt" / "epoch=2-step=12.ckpt"  # pruned after epoch 2 (at the start of epoch 3)
     again, slim3 = Ordered(arch="resnet"), make()
     trainer(tmp_path, [slim3], max_epochs=3).fit(again, ckpt_path=after, weights_only=True)
-    assert slim3.pruned and not slim3.report  # resumed as pruned: no second pruning
+    assert slim3.pruned and slim3.report is None  # resumed as pruned: no second pruning
     assert {k: v.shape for k, v in again.state_dict().items()} == shapes
 
 
@@ -408,7 +406,7 @@ def test_group_norm_and_layer_norm(tmp_path):
     for conv, norm in zip(convs, norms, strict=True):
         assert conv.out_channels == norm.num_channels and norm.num_channels % norm.num_groups == 0
     removed = 8 - convs[0].out_channels + 8 - convs[1].out_channels + 16 - module.model[9].normalized_shape[0]
-    assert removed == slim.report["slimming/channels_removed"] > 0
+    assert removed == slim.report.channels_removed > 0
     assert module(torch.zeros(2, 3, 8, 8)).shape == (2, 4)
 
 
@@ -430,4 +428,4 @@ def test_pruning_at_fit_end_revalidates_and_warns_when_scales_are_not_separated(
     before, after = slim.evaluation["val/acc"]
     assert before == float(fit.callback_metrics["val/acc_before_pruning"])
     assert after == pytest.approx(accuracy)
-    assert slim.report["slimming/after_pruning/val/acc"] == pytest.approx(accuracy)
+    assert slim.report.after_pruning["val/acc"] == pytest.approx(accuracy)

@@ -51,7 +51,7 @@ def test_unstructured_masks_hold_exactly_through_training(tmp_path, optimizer):
     for name, mask in snip.masks.items():
         assert torch.all(params[name][~mask] == 0), name
         assert torch.count_nonzero(params[name][mask]) > 0.9 * int(mask.sum())  # the rest trained
-    assert snip.report["prune/weight_sparsity"] == pytest.approx(0.8, abs=1 / total)
+    assert snip.report.weight_sparsity == pytest.approx(0.8, abs=1 / total)
 
 
 class MaskSpy(pl.Callback):
@@ -121,8 +121,9 @@ def test_dict_batches_prune_without_example_inputs(tmp_path):
     module.example_input_array = None
     snip = SNIPCallback(limit=0.5)
     trainer(tmp_path, [snip], max_steps=1).fit(module)  # unstructured pruning needs no example inputs
-    assert snip.report["prune/weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert "prune/macs" not in snip.report  # masking does not change the dense MAC count: not logged
+    assert snip.report.weight_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert snip.report.macs is None  # masking does not change the dense MAC count: not logged
+    assert "prune/macs" not in snip.report.metrics()
 
 
 def test_scores_are_the_connection_sensitivity(tmp_path):
@@ -173,7 +174,7 @@ def test_structured_shrinks_at_fit_start_and_trains_on(tmp_path, arch):
     trainer(tmp_path, [snip, Spy()], max_epochs=2).fit(module)
     assert all(seen) and len(seen) == 8  # the optimizer holds the shrunk parameters from the first step
     assert sum(p.numel() for p in module.parameters()) < params_before
-    assert snip.report["prune/node_sparsity"] >= 0.45
+    assert snip.report.node_sparsity >= 0.45
     assert module(torch.randn(2, 3, 8, 8)).shape == (2, 4)
     head = module.model.head if arch == "resnet" else module.model.classifier[3]
     assert head.out_features == 4  # the classifier's outputs are never pruned
@@ -251,7 +252,7 @@ def test_example_inputs_fall_back_to_a_training_batch(tmp_path):
     module.example_input_array = None
     snip = SNIPCallback(limit=0.5, structured=True)
     trainer(tmp_path, [snip], max_steps=1).fit(module)
-    assert snip.report["prune/node_sparsity"] > 0.4
+    assert snip.report.node_sparsity > 0.4
 
 
 def test_pickles_before_and_after_fit(tmp_path):

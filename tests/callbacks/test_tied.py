@@ -73,7 +73,7 @@ def check_masks(pruner, module: nn.Module, limit: float) -> None:
     assert len(masked) == len(pruner.masks) == len(distinct_weights(module))
     assert pruner.initial["weights"] == n
     assert sum(int(m.sum()) for m in pruner.masks.values()) == round(n * (1 - limit))
-    assert pruner.report["prune/weight_sparsity"] == pytest.approx(limit, abs=1 / n)
+    assert pruner.report.weight_sparsity == pytest.approx(limit, abs=1 / n)
     for name, mask in pruner.masks.items():
         assert torch.all(params[name][~mask] == 0), name  # weight decay and Adam did not revive them
         assert torch.count_nonzero(params[name][mask]) >= 0.9 * int(mask.sum()), name  # the rest trained

@@ -1,0 +1,173 @@
+"""What the callbacks report: typed figures, and the flat metric names they are logged under.
+
+Every report has ``metrics()``: the same figures as ``{name: float}`` for loggers and
+``trainer.callback_metrics`` (names such as ``prune/node_sparsity``, ``slimming/threshold``,
+``shrink/params_after``).
+
+Examples:
+    >>> report = StepReport(
+    ...     weight_sparsity=0.5, node_sparsity=0.0, params=120, step=1, target=0.5, seconds=0.1
+    ... )
+    >>> report.metrics()["prune/weight_sparsity"]
+    0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """Sparsity of the layers a callback prunes.
+
+    Attributes:
+        weight_sparsity: Fraction of the selected weights that are zero, against their count before pruning.
+        node_sparsity: Fraction of the nodes (output channels of selected conv/linear layers that do not
+            produce a model output) removed, against their count before pruning.
+        params: Parameters of the whole module now.
+    """
+
+    weight_sparsity: float
+    node_sparsity: float
+    params: int
+
+    def metrics(self) -> dict[str, float]:
+        """The figures under their logged names (``prune/...``)."""
+        return {
+            "prune/weight_sparsity": float(self.weight_sparsity),
+            "prune/node_sparsity": float(self.node_sparsity),
+            "prune/params": float(self.params),
+        }
+
+
+@dataclass(frozen=True)
+class StepReport(Sparsity):
+    """After a pruning step of SNIP, SNIP-it or SNAP-it.
+
+    Attributes:
+        step: Steps done so far (1 after the first).
+        target: The sparsity this step aimed at.
+        seconds: Wall time of the step (scoring and pruning).
+        macs: MACs of one forward pass with the example inputs, after a structured step (None when
+            unstructured: masking does not change the dense count).
+    """
+
+    step: int
+    target: float
+    seconds: float
+    macs: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Adds ``prune/step``, ``prune/target``, ``prune/seconds`` and ``prune/macs`` (structured)."""
+        out = super().metrics() | {
+            "prune/step": float(self.step),
+            "prune/target": float(self.target),
+            "prune/seconds": float(self.seconds),
+        }
+        return out | ({"prune/macs": float(self.macs)} if self.macs is not None else {})
+
+
+@dataclass(frozen=True)
+class SlimmingReport(Sparsity):
+    """After Network Slimming pruned.
+
+    Attributes:
+        threshold: The largest score (aggregated ``|γ|``) of a removed channel.
+        channels_removed: Channels removed, counted in every layer of their groups once.
+        params_before: Parameters before pruning.
+        params_after: Parameters after pruning.
+        macs_before: MACs before pruning.
+        macs_after: MACs after pruning.
+        after_pruning: Validation figures of the pruned network, when it was re-validated (name → value).
+    """
+
+    threshold: float
+    channels_removed: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    after_pruning: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        """Adds the ``slimming/...`` figures, the re-validated ones as ``slimming/after_pruning/<name>``."""
+        out = super().metrics() | {
+            "slimming/threshold": float(self.threshold),
+            "slimming/channels_removed": float(self.channels_removed),
+            "slimming/params_before": float(self.params_before),
+            "slimming/params_after": float(self.params_after),
+            "slimming/macs_before": float(self.macs_before),
+            "slimming/macs_after": float(self.macs_after),
+        }
+        return out | {f"slimming/after_pruning/{k}": float(v) for k, v in self.after_pruning.items()}
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a model costs, as :class:`~lightning_prune.ShrinkOnFitEnd` measures it.
+
+    Attributes:
+        params: Parameters.
+        nonzero_params: Non-zero parameters.
+        macs: MACs of one forward pass with the example inputs (their batch size, not per sample).
+        latency_b1_ms: Median latency of a batch of one, in milliseconds.
+        latency_batch_ms: Median latency of a batch of ``batch_size``, in milliseconds.
+        batch_size: The larger batch size.
+        checkpoint_mb: Size of the module's state dict saved with ``torch.save``, in MiB.
+    """
+
+    params: int
+    nonzero_params: int
+    macs: int
+    latency_b1_ms: float
+    latency_batch_ms: float
+    batch_size: int
+    checkpoint_mb: float
+
+    def short(self) -> dict[str, float]:
+        """The figures under short names (``params``, ``latency_b64_ms``, ...)."""
+        return {
+            "params": float(self.params),
+            "nonzero_params": float(self.nonzero_params),
+            "macs": float(self.macs),
+            "latency_b1_ms": float(self.latency_b1_ms),
+            f"latency_b{self.batch_size}_ms": float(self.latency_batch_ms),
+            "checkpoint_mb": float(self.checkpoint_mb),
+        }
+
+    @classmethod
+    def from_short(cls, values: dict[str, float], batch_size: int) -> Figures:
+        """The inverse of :meth:`short`."""
+        return cls(
+            params=int(values["params"]),
+            nonzero_params=int(values["nonzero_params"]),
+            macs=int(values["macs"]),
+            latency_b1_ms=float(values["latency_b1_ms"]),
+            latency_batch_ms=float(values[f"latency_b{batch_size}_ms"]),
+            batch_size=batch_size,
+            checkpoint_mb=float(values["checkpoint_mb"]),
+        )
+
+
+@dataclass(frozen=True)
+class GainReport:
+    """What :class:`~lightning_prune.ShrinkOnFitEnd` measured at the start and at the end of fit.
+
+    Attributes:
+        before: At the start of fit, before any callback pruned.
+        after: At the end of fit, shrunk.
+        channels_removed: Dead channels removed at the end of fit.
+    """
+
+    before: Figures
+    after: Figures
+    channels_removed: int
+
+    def metrics(self) -> dict[str, float]:
+        """``shrink/<figure>_before``, ``shrink/<figure>_after`` and ``shrink/channels_removed``."""
+        return (
+            {f"shrink/{k}_before": v for k, v in self.before.short().items()}
+            | {f"shrink/{k}_after": v for k, v in self.after.short().items()}
+            | {"shrink/channels_removed": float(self.channels_removed)}
+        )
