@@ -295,3 +295,64 @@ def test_sharding_strategies_are_refused_by_every_callback(make):
     fake = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True)
     with pytest.raises(PruningError, match=r"does not support FSDPStrategy .* need whole tensors"):
         make().setup(fake, TinyModule(), "fit")
+
+
+class Recorder(pl.loggers.Logger):
+    """A logger that keeps every logged metric."""
+
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = []
+
+    @property
+    def experiment(self):
+        return None
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_early_stopping_ends_the_schedule_early_with_a_warning(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    pl.seed_everything(0)
+    module = ValLoss()
+    pruner = SNAPit(limit=0.6, steps=1, when="during", prune_delay=1, prune_freq=1)
+    stop = EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)  # stops after the second epoch
+    with pytest.warns(UserWarning, match=r"training stopped after 1 of 3 pruning steps"):
+        trainer(tmp_path, [pruner, stop], max_epochs=6).fit(module)
+    assert pruner.step == 1 and pruner.shrunk  # the step due at the end of epoch 2 ran, no later one
+    assert module.model.features[0].out_channels < 8
+
+
+def test_learning_rate_monitor_sees_the_schedule_go_on_across_shrinks(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    pl.seed_everything(0)
+    logger = Recorder()
+    pruner = SNAPit(limit=0.6, steps=1, when="during", prune_delay=1, prune_freq=1)
+    fit = trainer(tmp_path, [pruner, LearningRateMonitor("epoch")], max_epochs=4, logger=logger)
+    fit.fit(TinyModule())  # SGD lr 0.05, StepLR gamma 0.5 every epoch; shrinks after epochs 2, 3, 4
+    rates = [m["lr-SGD"] for m in logger.metrics if "lr-SGD" in m]
+    assert rates == pytest.approx([0.05, 0.025, 0.0125, 0.00625])
+    assert pruner.shrunk
+
+
+def test_lr_find_before_fit_leaves_the_model_and_the_pruner_as_they_were(tmp_path):
+    from lightning.pytorch.tuner import Tuner
+
+    pl.seed_everything(0)
+    module = TinyModule(scheduler=False)
+    shapes = {k: v.shape for k, v in module.state_dict().items()}
+    pruner = SNAPit(limit=0.5, steps=1)
+    fit = trainer(tmp_path, [pruner], max_epochs=1)
+    Tuner(fit).lr_find(module, min_lr=1e-3, max_lr=1e-1, num_training=8)
+    assert {k: v.shape for k, v in module.state_dict().items()} == shapes
+    assert pruner.step == 0 and not pruner.masks
+    fit.fit(module)
+    assert pruner.step == len(pruner.schedule) and pruner.shrunk
