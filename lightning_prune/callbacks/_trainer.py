@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torchmetrics import Metric
 
@@ -174,13 +175,9 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
 
 
 def _tensors_in(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors_in(v)]
-    if isinstance(batch, Sequence) and not isinstance(batch, str):
-        return [t for v in batch for t in _tensors_in(v)]
-    return []
+    found: list[torch.Tensor] = []
+    apply_to_collection(batch, torch.Tensor, found.append)
+    return found
 
 
 def refuse_sharding(owner: str, strategy: Any) -> None:

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_prune._inputs import ExampleInputs
 from lightning_prune._params import canonical_names, layer_weights
@@ -82,6 +83,7 @@ class PruningCallback(Callback):
         self.refused_groups: dict[str, str] = {}  # group -> why its channels could not be removed exactly
 
     # -- identity and state ----------------------------------------------------------------------------
+    @override
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints, from the arguments that distinguish instances."""
@@ -90,6 +92,7 @@ class PruningCallback(Callback):
     def _state_key_args(self) -> dict[str, Any]:
         return {"include": self.include, "exclude": self.exclude}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Masks (bool tensors), whether the model was shrunk, counters: loads with ``weights_only=True``."""
         return {
@@ -100,6 +103,7 @@ class PruningCallback(Callback):
             "refused_groups": dict(self.refused_groups),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the masks and counters (older checkpoints without some entries load too)."""
         self.masks = {n: m.to(torch.bool) for n, m in state_dict.get("masks", {}).items()}
@@ -109,6 +113,7 @@ class PruningCallback(Callback):
         self.refused_groups = dict(state_dict.get("refused_groups", {}))
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the module, data and strategy fit the arguments; let a shrunk checkpoint resize the model.
 
@@ -147,6 +152,7 @@ class PruningCallback(Callback):
                 "strategy='ddp'."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers (after ``configure_model`` built them); frozen layers are never pruned."""
         self._detach_resize()
@@ -169,16 +175,19 @@ class PruningCallback(Callback):
                 f"{type(pl_module).__name__} (parametrized?), so they cannot be masked; exclude them."
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """(Re)attach the mask hooks; subclasses prune before calling this."""
         self._attach(trainer, pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Checkpoint weights are loaded by now: drop the resize hook."""
         self._detach_resize()
 
     on_test_start = on_predict_start = on_validation_start
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -190,6 +199,7 @@ class PruningCallback(Callback):
             self._resize_hook.remove()
         self._resize_hook = None
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Detach the optimizer hooks."""
         self._detach()

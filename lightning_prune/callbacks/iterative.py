@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_prune._validate import boolean, choice, fraction, integer, invalid
 from lightning_prune.callbacks.base import PruningCallback
@@ -158,11 +159,13 @@ class IterativeSNIPCallback(PruningCallback):
             "when": self.when,
         }
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """See :meth:`PruningCallback.state_dict`; adds the steps done and the rewind weights."""
         rewind = {n: t.detach().cpu() for n, t in self.rewind.items()}
         return {**super().state_dict(), "step": self.step, "schedule": list(self.schedule), "rewind": rewind}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """See :meth:`PruningCallback.load_state_dict`."""
         super().load_state_dict(state_dict)
@@ -188,6 +191,7 @@ class IterativeSNIPCallback(PruningCallback):
                 self.rewind[r.param] = r.apply(self.rewind[r.param])
 
     # -- hooks ---------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Also check that every pruning event fits into ``max_epochs``."""
         super().setup(trainer, pl_module, stage)
@@ -212,6 +216,7 @@ class IterativeSNIPCallback(PruningCallback):
                 "the network is not trained (nor validated) after it. Raise max_epochs to fine-tune it."
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune every step before training (``when="before"``); keep the rewind point; attach masks."""
         if self.rewind_epoch == 0 and not self.rewind:
@@ -224,6 +229,7 @@ class IterativeSNIPCallback(PruningCallback):
             self._check_before_training(trainer, pl_module)
         super().on_train_start(trainer, pl_module)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run the pruning steps due by now (``when="during"``), before this epoch trains.
 
@@ -233,6 +239,7 @@ class IterativeSNIPCallback(PruningCallback):
         """
         self._prune_due(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -275,6 +282,7 @@ class IterativeSNIPCallback(PruningCallback):
             if not any(g.prunable and g.size > 1 for g in graph.groups):
                 raise _nothing_prunable(owner, pl_module, graph)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run a step due at the end of the last epoch; warn if training stopped before the schedule's end."""
         self._prune_due(trainer, pl_module)
@@ -286,6 +294,7 @@ class IterativeSNIPCallback(PruningCallback):
                 f"steps, at sparsity {reached:.2%} instead of limit={self.limit}."
             )
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the rewind point at the end of epoch ``rewind_epoch``."""
         if trainer.current_epoch + 1 == self.rewind_epoch and not self.rewind:

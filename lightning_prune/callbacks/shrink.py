@@ -14,8 +14,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from rich.console import Console
 from rich.table import Table
+from typing_extensions import override
 
 from lightning_prune.callbacks._surgery import notify_shrink
 from lightning_prune.callbacks._trainer import refuse_sharding
@@ -94,10 +96,12 @@ class ShrinkOnFitEnd(Callback):
         self._device = torch.device("cpu")
         self._inputs = PruningCallback()  # finds (and caches) example inputs when no pruner is present
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The figures measured at the start of the first fit (so a resumed fit compares with them)."""
         return {"before": self._before.short() if self._before is not None else {}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the start-of-fit figures."""
         saved = state_dict.get("before", {})
@@ -106,6 +110,7 @@ class ShrinkOnFitEnd(Callback):
         except KeyError:  # written with another latency_batch_size: measure again
             self._before = None
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before fit: refuse spawning strategies and check (on rank 0) that ``save_path`` can be written.
 
@@ -131,6 +136,7 @@ class ShrinkOnFitEnd(Callback):
                     "Checked before training so that no training is lost; give a writable file path."
                 )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the model before any callback prunes it, and check it can be traced for shrinking.
 
@@ -149,6 +155,7 @@ class ShrinkOnFitEnd(Callback):
                 f"before training: {err}"
             ) from err
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Make masks permanent, shrink, save, measure, report.
 
@@ -312,10 +319,4 @@ def _unwritable(path: Path) -> str | None:
 
 
 def _first_sample(example: Any) -> Any:
-    if isinstance(example, torch.Tensor):
-        return example[:1]
-    if isinstance(example, dict):
-        return {k: _first_sample(v) for k, v in example.items()}
-    if isinstance(example, list | tuple):
-        return type(example)(_first_sample(v) for v in example)
-    return example
+    return apply_to_collection(example, torch.Tensor, lambda t: t[:1])

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from typing_extensions import override
 
 from lightning_prune._validate import choice, fraction, integer, invalid, number
 from lightning_prune.callbacks._trainer import validation_metrics
@@ -144,16 +145,19 @@ class SlimmingL1Callback(PruningCallback):
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "penalty": self.penalty, "limit": self.limit}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
         return {**super().state_dict(), "pruned": self.pruned}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """See :meth:`PruningCallback.load_state_dict`."""
         super().load_state_dict(state_dict)
         self.pruned = bool(state_dict.get("pruned", False))
 
     # -- hooks ---------------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check ``prune_at`` against ``max_epochs`` and that the selected norm layers have scales."""
         super().setup(trainer, pl_module, stage)
@@ -173,6 +177,7 @@ class SlimmingL1Callback(PruningCallback):
                 f"max_epochs={max_epochs}; `prune_at` must be an epoch in [1, {max_epochs}] or 'fit_end'."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the norm layers (``configure_model`` has built them by now); check pruning can happen."""
         self._detach_resize()
@@ -186,6 +191,7 @@ class SlimmingL1Callback(PruningCallback):
                     f"({self._norms}); the layers producing the model output are never pruned."
                 )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -202,10 +208,12 @@ class SlimmingL1Callback(PruningCallback):
                     gamma.grad = torch.zeros_like(gamma)
                 gamma.grad.add_(torch.sign(gamma), alpha=self.penalty)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the |γ| distribution."""
         self._log_gammas(trainer, pl_module)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune once epoch ``prune_at`` is complete.
 
@@ -214,6 +222,7 @@ class SlimmingL1Callback(PruningCallback):
         """
         self._prune_due(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -228,6 +237,7 @@ class SlimmingL1Callback(PruningCallback):
         self.prune(trainer, pl_module, evaluate=evaluate)
         return True
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune at the end of training (``prune_at="fit_end"``, or the last epoch), before ``on_fit_end``."""
         if self.limit is None or self.pruned:
