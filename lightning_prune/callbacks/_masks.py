@@ -42,6 +42,7 @@ class Masks:
         self.tied: dict[str, str] = {}
         self._hooks: list[Any] = []
         self._masked: list[tuple[list[torch.Tensor], list[torch.Tensor], Any]] = []
+        self.stale = False  # the masks were cut, and the hooks still hold the replaced parameters
 
     def adopt(self, module: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
         """Adopt new masks (parameter name → bool tensor) and zero the masked weights now.
@@ -94,6 +95,7 @@ class Masks:
         for r in removals:
             if r.param in self.masks:
                 self.masks[r.param] = r.apply(self.masks[r.param])
+                self.stale = True
 
     def clear(self, module: nn.Module) -> None:
         """Zero the masked weights a last time and forget the masks: the zeros become plain weights."""
@@ -104,6 +106,7 @@ class Masks:
     def attach(self, trainer: pl.Trainer, module: nn.Module) -> None:
         """(Re)adopt the masks on ``module``'s current parameters and hook the trainer's optimizers."""
         self.detach()
+        self.stale = False
         if not self.masks:
             return
         self.adopt(module, self.masks)

@@ -192,6 +192,8 @@ class PruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Zero masked gradients: after backward and AMP unscaling, before clipping and the step."""
+        if self.mask_state.stale:  # a shrink (by any callback) replaced the parameters
+            self.mask_state.attach(trainer, pl_module)
         self.mask_state.zero_grads(optimizer)
 
     def _detach_resize(self) -> None:
@@ -280,11 +282,13 @@ class PruningCallback(Callback):
         graph: ChannelGraph,
         plan: Mapping[str, Sequence[int]],
     ) -> list[Removal]:
-        """Remove channels during fit: optimizer state carried over, masks sliced, DDP re-wrapped."""
+        """Remove channels during fit: optimizer state carried over, masks sliced, DDP re-wrapped.
+
+        Everything else that holds per-parameter tensors follows through the public ``on_shrink`` hook
+        (see ``_surgery.notify_shrink``); other pruning callbacks cut their masks there and re-attach them
+        to the new parameters before the next optimizer step.
+        """
         snapshot = OptimizerSnapshot.capture(trainer, pl_module) if trainer.strategy.optimizers else None
-        for cb in trainer.callbacks:
-            if isinstance(cb, PruningCallback):
-                cb._detach()
         # Verified and all-or-nothing per group: a group whose removal would change what the kept
         # channels compute is put back as it was, refused from now on, and named in a warning.
         removals, refused = prune_or_refuse(graph, plan, verify=self.example_inputs(trainer, pl_module))
@@ -302,9 +306,8 @@ class PruningCallback(Callback):
         if isinstance(strategy, DDPStrategy) and strategy.model is not pl_module:
             strategy.model = pl_module
             strategy.configure_ddp()
-        for cb in trainer.callbacks:
-            if isinstance(cb, PruningCallback) and cb.masks:
-                cb._attach(trainer, pl_module)
+        if self.masks:  # other pruning callbacks re-attach theirs before the next optimizer step
+            self._attach(trainer, pl_module)
         self.shrunk = True
         return removals
 

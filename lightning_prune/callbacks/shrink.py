@@ -20,7 +20,7 @@ from rich.table import Table
 from typing_extensions import override
 
 from lightning_prune.callbacks._surgery import notify_shrink
-from lightning_prune.callbacks._trainer import refuse_sharding
+from lightning_prune.callbacks._trainer import example_inputs, refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
@@ -94,7 +94,7 @@ class ShrinkOnFitEnd(Callback):
         self.shrink_report: ShrinkReport | None = None
         self._before: Figures | None = None
         self._device = torch.device("cpu")
-        self._inputs = PruningCallback()  # finds (and caches) example inputs when no pruner is present
+        self._inputs: Any = None  # example inputs found when no pruner is present (once per fit)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -117,7 +117,7 @@ class ShrinkOnFitEnd(Callback):
         Spawning strategies are refused because the main process could not take the shrunk weights back.
         ``save_path``'s folder is created and a temporary file written and removed there.
         """
-        self._inputs._example = None
+        self._inputs = None
         if stage != "fit":
             return
         refuse_sharding("ShrinkOnFitEnd", trainer.strategy)
@@ -207,7 +207,11 @@ class ShrinkOnFitEnd(Callback):
 
     def _example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]
-        return (pruners[0] if pruners else self._inputs).example_inputs(trainer, pl_module)
+        if pruners:
+            return pruners[0].example_inputs(trainer, pl_module)
+        if self._inputs is None:
+            self._inputs = example_inputs(trainer, pl_module, type(self).__name__)
+        return self._inputs
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures:
         example = self._example(trainer, pl_module)

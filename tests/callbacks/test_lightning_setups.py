@@ -356,3 +356,18 @@ def test_lr_find_before_fit_leaves_the_model_and_the_pruner_as_they_were(tmp_pat
     assert pruner.step == 0 and not pruner.masks
     fit.fit(module)
     assert pruner.step == len(pruner.schedule) and pruner.shrunk
+
+
+def test_masks_of_one_callback_follow_the_shrinks_of_another(tmp_path):
+    """SNIP's weight masks are cut when SNAP-it shrinks, and keep their weights at zero afterwards."""
+    pl.seed_everything(0)
+    module = TinyModule(scheduler=False)
+    masker = SNIPCallback(limit=0.5)
+    shrinker = SNAPit(limit=0.5, steps=1, when="during", prune_delay=1, prune_freq=1)
+    trainer(tmp_path, [masker, shrinker], max_epochs=4).fit(module)
+    assert shrinker.shrunk and module.model.features[0].out_channels < 8
+    params = dict(module.named_parameters())
+    assert masker.masks
+    for name, mask in masker.masks.items():
+        assert mask.shape == params[name].shape, name
+        assert torch.all(params[name][~mask] == 0), name  # trained for epochs after the shrinks
