@@ -22,6 +22,7 @@ from torchmetrics import Metric
 
 from lightning_prune._inputs import ExampleInputs, eager, to_device
 from lightning_prune.errors import PruningError
+from lightning_prune.stats import _eval_mode
 from lightning_prune.structure.layers import is_root
 
 
@@ -70,15 +71,15 @@ def loss_stream(
     precision = trainer.precision_plugin
 
     def losses() -> Iterator[torch.Tensor]:
-        modes = {m: m.training for m in pl_module.modules()}
-        try:
-            pl_module.eval()
-            with _muted_logging(pl_module), torch.enable_grad(), precision.train_step_context(), eager():
-                for batch_idx, batch in enumerate(batches):
-                    yield _loss_of(pl_module.training_step(batch, batch_idx), owner)
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        with (
+            _eval_mode(pl_module),
+            _muted_logging(pl_module),
+            torch.enable_grad(),
+            precision.train_step_context(),
+            eager(),
+        ):
+            for batch_idx, batch in enumerate(batches):
+                yield _loss_of(pl_module.training_step(batch, batch_idx), owner)
 
     return losses
 
@@ -148,14 +149,12 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
         total[0] += float(value) * weight
         total[1] += weight
 
-    modes = {m: m.training for m in pl_module.modules()}
     for m in pl_module.modules():
         if isinstance(m, Metric):  # start from no state: the last validation epoch may have left some
             m.reset()
     pl_module.__dict__["log"] = log
     try:
-        pl_module.eval()
-        with torch.no_grad(), eager():
+        with _eval_mode(pl_module), torch.no_grad(), eager():
             for index, loader in enumerate(loaders):
                 for batch_idx, batch in enumerate(loader):
                     batch = _on_device(trainer, batch)
@@ -170,8 +169,6 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
         return out
     finally:
         del pl_module.__dict__["log"]
-        for m, mode in modes.items():
-            m.training = mode
 
 
 def _tensors_in(batch: Any) -> list[torch.Tensor]:
@@ -224,10 +221,8 @@ def forward_from_training_step(pl_module: pl.LightningModule, batch: Any, owner:
         return hook
 
     handles = [c.register_forward_pre_hook(record(n), with_kwargs=True) for n, c in children.items()]
-    modes = {m: m.training for m in pl_module.modules()}
     try:
-        pl_module.eval()
-        with _muted_logging(pl_module), torch.no_grad(), eager():
+        with _eval_mode(pl_module), _muted_logging(pl_module), torch.no_grad(), eager():
             pl_module.training_step(batch, 0)
     except Exception as err:
         raise PruningError(
@@ -237,8 +232,6 @@ def forward_from_training_step(pl_module: pl.LightningModule, batch: Any, owner:
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     networks = [n for n in calls if any(is_root(m) for m in children[n].modules())]
     if len(networks) != 1 or (calls[networks[0]][0] and calls[networks[0]][1]):
         seen = ", ".join(f"{n}({_signature(*calls[n])})" for n in calls) or "no submodule"
