@@ -181,6 +181,30 @@ class PruningCallback(Callback):
         self._attach(trainer, pl_module)
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the pruning due by now (see :meth:`prune_due`), before this epoch trains.
+
+        Pruning "at the end of epoch k" runs here, at the start of epoch k + 1: after epoch k's validation
+        *and* after any checkpoint written at its end, so that each checkpoint's score belongs to the
+        network it holds. A run resumed from such a checkpoint catches up here too.
+        """
+        self.prune_due(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
+        self.prune_due(trainer, pl_module)
+
+    def prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Prune now what is due after ``trainer.current_epoch`` completed epochs; whether anything was.
+
+        The default prunes nothing; callbacks that prune during training override it.
+        """
+        return False
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Checkpoint weights are loaded by now: drop the resize hook."""
         self._detach_resize()

@@ -230,23 +230,8 @@ class IterativeSNIPCallback(PruningCallback):
         super().on_train_start(trainer, pl_module)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Run the pruning steps due by now (``when="during"``), before this epoch trains.
-
-        A step "at the end of epoch k" runs here, at the start of epoch k + 1: after epoch k's
-        validation *and* after any checkpoint written at its end, so that each checkpoint's score
-        belongs to the network it holds. A run resumed from such a checkpoint catches up here too.
-        """
-        self._prune_due(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
-        self._prune_due(trainer, pl_module)
-
-    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Run the steps of the events at or before ``trainer.current_epoch`` (``when="during"``)."""
         if self.when != "during":
             return False
         due = sum(e <= trainer.current_epoch for e in self.event_epochs())
@@ -285,7 +270,7 @@ class IterativeSNIPCallback(PruningCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run a step due at the end of the last epoch; warn if training stopped before the schedule's end."""
-        self._prune_due(trainer, pl_module)
+        self.prune_due(trainer, pl_module)
         if self.step < len(self.schedule):
             kind = "node_sparsity" if self.structured else "weight_sparsity"
             reached = getattr(self.report, kind) if self.report is not None else 0.0

@@ -214,22 +214,8 @@ class SlimmingL1Callback(PruningCallback):
         self._log_gammas(trainer, pl_module)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune once epoch ``prune_at`` is complete.
-
-        That is after its validation and the checkpoints written at its end, so that each
-        ``ModelCheckpoint`` file's score belongs to the network it holds.
-        """
-        self._prune_due(trainer, pl_module)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
-        self._prune_due(trainer, pl_module)
-
-    def _prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluate: bool = False) -> bool:
+    def prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluate: bool = False) -> bool:
+        """Prune once ``prune_at`` epochs are complete (``evaluate``: re-validate, see :meth:`prune`)."""
         if self.limit is None or self.pruned or not isinstance(self.prune_at, int):
             return False
         if trainer.current_epoch < self.prune_at:
@@ -242,7 +228,7 @@ class SlimmingL1Callback(PruningCallback):
         """Prune at the end of training (``prune_at="fit_end"``, or the last epoch), before ``on_fit_end``."""
         if self.limit is None or self.pruned:
             return
-        if self.prune_at == "fit_end" or self._prune_due(trainer, pl_module, evaluate=True):
+        if self.prune_at == "fit_end" or self.prune_due(trainer, pl_module, evaluate=True):
             if not self.pruned:
                 self.prune(trainer, pl_module, evaluate=True)
             saved = any(getattr(cb, "save_path", None) for cb in trainer.callbacks)
