@@ -15,6 +15,7 @@ from lightning_prune.checkpoint import load_pruned_checkpoint, load_pruned_state
 from lightning_prune.criteria import list_criteria
 from lightning_prune.errors import PruningError
 from lightning_prune.models import create_model, list_models, register_model
+from lightning_prune.prune import PruneResult, prune_channels
 from lightning_prune.stats import ModelStats, measure_latency, model_stats
 from lightning_prune.structure import (
     ChannelGraph,
@@ -36,6 +37,7 @@ __all__ = [
     "IterativeSNIPCallback",
     "ModelStats",
     "ParamSlice",
+    "PruneResult",
     "PruningCallback",
     "PruningError",
     "Removal",
@@ -53,6 +55,7 @@ __all__ = [
     "load_pruned_state_dict",
     "measure_latency",
     "model_stats",
+    "prune_channels",
     "register_model",
     "shrink",
 ]

@@ -92,3 +92,12 @@ def patterns(owner: str, arg: str, value: Any) -> list[str] | None:
     if not texts or not all(isinstance(p, str) for p in value):
         raise invalid(owner, arg, value, "a list of glob patterns such as ['model.features.*']")
     return list(value)
+
+
+def round_to(owner: str, value: Any) -> int | str:
+    """``"auto"`` or an int >= 1 (a channel multiple)."""
+    if value == "auto":
+        return value
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise invalid(owner, "round_to", value, "an int >= 1 or 'auto'")
+    return int(value)

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_prune._validate import boolean, choice, fraction, integer, invalid
+from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import StepReport
 from lightning_prune.criteria import ScoringInputs, get_criterion
@@ -77,6 +78,11 @@ class IterativeSNIPCallback(PruningCallback):
             Optimizer state is kept.
         include: Glob patterns of layer names to prune; default: all Conv/Linear layers.
         exclude: Glob patterns of layers to keep whole.
+        round_to: Structured only: every channel group a step cuts keeps a multiple of this many
+            channels (fast shapes for the hardware; see :func:`~lightning_prune.structure.round_kept`);
+            ``"auto"`` picks it from the training device and dtype
+            (:func:`~lightning_prune.structure.auto_round_to`). 1: no rounding. The sparsity reached is
+            in the report.
 
     Raises:
         PruningError: For invalid arguments (here) or a module, data or trainer they do not fit (in setup).
@@ -105,11 +111,15 @@ class IterativeSNIPCallback(PruningCallback):
         rewind_epoch: int | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        round_to: int | str = 1,
     ) -> None:
         super().__init__(include=include, exclude=exclude, num_batches=num_batches)
         owner = type(self).__name__
+        self.round_to = check_round_to(owner, round_to)
         self.limit = fraction(owner, "limit", limit)
         self.structured = boolean(owner, "structured", structured)
+        if self.round_to != 1 and not self.structured:
+            raise invalid(owner, "round_to", round_to, "1 when unstructured (it rounds channel counts)")
         self.steps = integer(owner, "steps", steps, low=0)
         self.start = fraction(owner, "start", start)
         self.when = choice(owner, "when", when, WHEN)
@@ -395,7 +405,9 @@ class IterativeSNIPCallback(PruningCallback):
         # nodes still to remove, as a fraction of the nodes in the scored groups
         scored = sum(node_weights(graph, g) * g.size for g in groups)
         amount = (target - before) * self.initial["nodes"] / max(scored, 1)
-        plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, min(max(amount, 0.0), 1.0)))
+        amount = min(max(amount, 0.0), 1.0)
+        plan = lowest_channels(graph, scores, amount, self.channel_multiple(pl_module))
+        plan = self.from_rank_zero(trainer, plan)
         if plan:
             self.shrink_in_fit(trainer, pl_module, graph, plan)
 
@@ -477,6 +489,7 @@ class SNAPit(IterativeSNIPCallback):
         num_batches: int = 5,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        round_to: int | str = 1,
     ) -> None:
         super().__init__(
             limit=limit,
@@ -490,6 +503,7 @@ class SNAPit(IterativeSNIPCallback):
             criterion="snap",
             include=include,
             exclude=exclude,
+            round_to=round_to,
         )
 
 

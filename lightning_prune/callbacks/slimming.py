@@ -14,6 +14,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune._validate import choice, fraction, integer, invalid, number
+from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.callbacks._trainer import validation_metrics
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import SlimmingReport
@@ -98,6 +99,9 @@ class SlimmingL1Callback(PruningCallback):
         aggregate: How a group's norms combine into one score per channel: ``"max"``, ``"mean"`` or ``"sum"``.
         include: Glob patterns of norm-layer names to regularize and prune by; default: every norm layer.
         exclude: Glob patterns of norm layers to leave alone.
+        round_to: Every channel group the pruning cuts keeps a multiple of this many channels
+            (:func:`~lightning_prune.structure.round_kept`); ``"auto"`` picks it from the device and dtype
+            (:func:`~lightning_prune.structure.auto_round_to`); 1: no rounding.
 
     Raises:
         PruningError: For invalid arguments (here) or a model without selected affine norm layers (setup).
@@ -117,9 +121,11 @@ class SlimmingL1Callback(PruningCallback):
         aggregate: str = "max",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        round_to: int | str = 1,
     ) -> None:
         super().__init__(include=include, exclude=exclude)
         owner = type(self).__name__
+        self.round_to = check_round_to(owner, round_to)
         self.penalty = number(owner, "penalty", penalty, low=0)
         self.limit = None if limit is None else fraction(owner, "limit", limit)
         self.structured = self.limit is not None
@@ -316,7 +322,8 @@ class SlimmingL1Callback(PruningCallback):
                 f"{owner}: no prunable channel group contains a selected norm layer ({self._norms}); the "
                 "layers producing the model output are never pruned."
             )
-        plan = self.from_rank_zero(trainer, lowest_channels(graph, scores, self.limit))
+        plan = lowest_channels(graph, scores, self.limit, self.channel_multiple(pl_module))
+        plan = self.from_rank_zero(trainer, plan)
         groups = {g.name: g for g in graph.groups}
         threshold = max((float(scores[g][c]) for g, chs in plan.items() for c in chs), default=0.0)
         self._warn_if_not_separated(scores, plan, threshold)

@@ -42,6 +42,8 @@ class SNIPCallback(IterativeSNIPCallback):
         include: Glob patterns of layer names (``LightningModule.named_modules()``) to prune; default: all
             Conv/Linear layers.
         exclude: Glob patterns of layers to keep whole.
+        round_to: Structured only: every channel group cut keeps a multiple of this many channels;
+            ``"auto"`` from the device and dtype (see :class:`IterativeSNIPCallback`).
 
     Raises:
         PruningError: ``limit`` outside [0, 1), ``num_batches`` < 1, patterns matching no layer, no training
@@ -61,6 +63,7 @@ class SNIPCallback(IterativeSNIPCallback):
         num_batches: int = 1,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        round_to: int | str = 1,
     ) -> None:
         super().__init__(
             limit=limit,
@@ -70,6 +73,7 @@ class SNIPCallback(IterativeSNIPCallback):
             criterion="snip",
             include=include,
             exclude=exclude,
+            round_to=round_to,
         )
 
     def _state_key_args(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -41,7 +42,7 @@ def spare_one_per_layer(
 
 
 def lowest_channels(
-    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], amount: float
+    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], amount: float, round_to: int = 1
 ) -> dict[str, list[int]]:
     """Plan the removal of the lowest-scoring channels in ONE global ranking over the scored groups.
 
@@ -54,6 +55,8 @@ def lowest_channels(
         graph: The channel graph the scores refer to.
         scores: Group name → 1-D scores, one per channel (higher = keep).
         amount: Fraction of the scored nodes to remove, in [0, 1).
+        round_to: Make the kept channel count of every group that loses channels a multiple of this
+            (see :func:`round_kept`); 1 leaves the plan as ranked.
 
     Returns:
         Group name → channel indices to remove, for :meth:`ChannelGraph.prune`.
@@ -98,4 +101,76 @@ def lowest_channels(
             remaining[name][i] -= 1
         plan.setdefault(name, []).append(channel)
         removed += node_weights(graph, groups[name])
-    return {name: sorted(chs) for name, chs in plan.items()}
+    plan = {name: sorted(chs) for name, chs in plan.items()}
+    return round_kept(graph, scores, plan, round_to) if round_to > 1 else plan
+
+
+def round_kept(
+    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], plan: Mapping[str, list[int]], round_to: int
+) -> dict[str, list[int]]:
+    """Adjust ``plan`` so that every group it cuts keeps a multiple of ``round_to`` channels.
+
+    Counted in the layers' own channels: a channel of a group with ``ties`` (a grouped convolution's
+    repeats, an attention head's dimension) is ``ties`` of them, so the group keeps a multiple of
+    ``round_to / gcd(round_to, ties)`` of its channels. Each cut group's kept count goes to the nearest
+    multiple (at least one multiple, at most the group's size): extra channels go lowest score first,
+    channels come back highest score first. Groups the plan does not cut are left alone, and so is a
+    group smaller than one multiple or one whose rounded cut would empty a layer. Over many groups the
+    roundings up and down roughly cancel; the sparsity reached is what callers report.
+
+    Returns:
+        The adjusted plan (group name → channels to remove).
+
+    Examples:
+        >>> import torch
+        >>> from lightning_prune import ChannelGraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        >>> graph = ChannelGraph(net, torch.randn(1, 4))
+        >>> plan = round_kept(graph, {"0": torch.arange(32.0)}, {"0": list(range(13))}, round_to=8)
+        >>> 32 - len(plan["0"])  # 19 kept -> 16
+        16
+    """
+    groups = {g.name: g for g in graph.groups}
+    shapes = graph._shapes()
+    out: dict[str, list[int]] = {}
+    for name, gone in plan.items():
+        group = groups[name]
+        unit = round_to // math.gcd(round_to, group.ties)
+        kept = group.size - len(gone)
+        if unit <= 1 or group.size < unit or not gone:
+            out[name] = list(gone)
+            continue
+        wanted = min(group.size // unit * unit, max(unit, round(kept / unit) * unit))
+        values, planned = scores[name].tolist(), set(gone)
+        order = sorted(range(group.size), key=lambda c: (values[c], c))  # lowest score first
+        removed = [c for c in order if c in planned]
+        if wanted < kept:
+            removed += [c for c in order if c not in planned][: kept - wanted]
+        else:
+            removed = removed[: len(removed) - (wanted - kept)]
+        rounded = sorted(removed)
+        out[name] = list(gone) if emptied_by(group, rounded, shapes) else rounded
+    return {name: chs for name, chs in out.items() if chs}
+
+
+def auto_round_to(device: torch.device | str, dtype: torch.dtype) -> int:
+    """The channel multiple ``round_to="auto"`` picks for ``device`` and ``dtype``.
+
+    - CUDA: 8 for float16/bfloat16 and 4 for float32 (TF32), the multiples NVIDIA's "Matrix Multiplication
+      Background" and "Convolutional Layers" performance guides give for Tensor Core use; 16 for int8.
+    - CPU: the float32 lanes of the widest vector unit PyTorch dispatches to
+      (``torch.backends.cpu.get_cpu_capability()``): 16 with AVX-512, 8 with AVX2, 4 otherwise (NEON, SSE).
+
+    Examples:
+        >>> auto_round_to("cuda", torch.float16)
+        8
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16):
+            return 8
+        return 16 if dtype == torch.int8 else 4
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+    if "AVX512" in capability:
+        return 16
+    return 8 if "AVX2" in capability else 4
