@@ -1,0 +1,172 @@
+"""Latency speedup against MACs reduction: ours and Torch-Pruning, with and without rounded channel counts.
+
+For each model and pruning amount, in one run and on one CPU thread, five variants of the same randomly
+initialised torchvision model (seed 0, eval mode) are built and timed:
+
+- *dense*: the model as built;
+- *ours* / *ours r8*: :func:`lightning_prune.prune_channels` (L1-norm scores, one global ranking over the
+  channel groups, ``amount`` of the nodes removed) without rounding / with ``round_to=8``;
+- *TP* / *TP r8*: Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)``, global pruning,
+  ``pruning_ratio=amount``, the classifier ignored, without / with ``round_to=8``.
+
+Latency is the median of ``--repeats`` rounds; in each round every variant runs ``--calls`` timed forward
+passes (batch 1, after 3 warm-up calls) in alternating order, and the round's figure is their median. The
+table gives MACs reduction (dense MACs / pruned MACs), speedup (dense latency / pruned latency) and their
+ratio, the *efficiency* (1.0: the latency falls as much as the MACs), with the spread of the speedup
+(min–max over rounds).
+
+    OMP_NUM_THREADS=1 python benchmarks/speedup.py --repeats 7 --out docs/data/speedup.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_prune import model_stats, prune_channels  # noqa: E402
+
+CASES = [("resnet18", 0.5, 224), ("resnet18", 0.7, 224), ("mobilenet_v2", 0.5, 224), ("vgg16_bn", 0.5, 32)]
+CASES += [("resnet50", 0.5, 224)]
+
+
+def build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, num_classes=1000).eval()
+
+
+def ours(model: nn.Module, x: torch.Tensor, amount: float, round_to: int) -> nn.Module:
+    prune_channels(model, x, amount, round_to=round_to)
+    return model
+
+
+def torch_pruning(model: nn.Module, x: torch.Tensor, amount: float, round_to: int | None) -> nn.Module:
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model,
+            x,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=amount,
+            global_pruning=True,
+            ignored_layers=[head],
+            round_to=round_to,
+        )
+        pruner.step()
+    return model
+
+
+def latency(model: nn.Module, x: torch.Tensor, calls: int) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list[dict]:
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    variants = {
+        "dense": build(name),
+        "ours": ours(build(name), x, amount, 1),
+        "ours r8": ours(build(name), x, amount, 8),
+        "TP": torch_pruning(build(name), x, amount, None),
+        "TP r8": torch_pruning(build(name), x, amount, 8),
+    }
+    macs = {k: model_stats(m, x).macs for k, m in variants.items()}
+    rounds: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
+    for r in range(repeats):
+        for key in order if r % 2 == 0 else reversed(order):
+            rounds[key].append(latency(variants[key], x, calls))
+    dense = statistics.median(rounds["dense"])
+    rows = []
+    for key, model in variants.items():
+        lat = statistics.median(rounds[key])
+        speedups = [d / p for d, p in zip(rounds["dense"], rounds[key], strict=True)]
+        reduction = macs["dense"] / macs[key]
+        rows.append(
+            {
+                "model": name,
+                "amount": amount,
+                "input": size,
+                "variant": key,
+                "params": sum(p.numel() for p in model.parameters()),
+                "macs_reduction": reduction,
+                "latency_ms": 1e3 * lat,
+                "speedup": dense / lat,
+                "speedup_spread": (min(speedups), max(speedups)),
+                "efficiency": (dense / lat) / reduction,
+                "odd_layers": sum(
+                    m.out_channels % 8 != 0 for m in model.modules() if isinstance(m, nn.Conv2d)
+                ),
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| model | amount | input | variant | params | MACs reduction | latency ms | speedup (min–max) | "
+        "efficiency | convs with out_channels % 8 != 0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["speedup_spread"]
+        lines.append(
+            f"| {r['model']} | {r['amount']:.0%} | {r['input']} | {r['variant']} | {r['params']:,} | "
+            f"{r['macs_reduction']:.2f}× | {r['latency_ms']:.2f} | {r['speedup']:.2f}× ({lo:.2f}–{hi:.2f}) | "
+            f"{r['efficiency']:.2f} | {r['odd_layers']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument("--models", nargs="+", help="limit to these model names")
+    parser.add_argument("--out", type=Path, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    header = (
+        f"`{' '.join(['python', *sys.argv])}` — torch {torch.__version__}, torch_pruning "
+        f"{getattr(tp, '__version__', '?')}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} thread, batch 1, {args.repeats} rounds of {args.calls} calls (medians)"
+    )
+    print(header, flush=True)
+    rows = []
+    for name, amount, size in CASES:
+        if args.models and name not in args.models:
+            continue
+        found = bench(name, amount, size, args.repeats, args.calls)
+        rows += found
+        print(render(found, "").strip(), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(rows, header))
+
+
+if __name__ == "__main__":
+    main()
