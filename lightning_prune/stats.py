@@ -182,11 +182,50 @@ def measure_latency(
 ) -> float:
     """Measure the median wall-clock seconds of one forward pass of ``model``.
 
+    The median of :func:`latency_samples` (same arguments): robust to the odd slow call.
+
+    Returns:
+        The median latency of one forward pass, in seconds.
+
+    Raises:
+        PruningError: As :func:`latency_samples`.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> seconds = measure_latency(nn.Linear(10, 5), torch.randn(1, 10), batch_size=4)
+        >>> seconds > 0
+        True
+    """
+    times = latency_samples(
+        model,
+        example_inputs,
+        batch_size=batch_size,
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        _func="measure_latency",
+    )
+    return float(statistics.median(times))
+
+
+def latency_samples(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    _func: str = "latency_samples",
+) -> list[float]:
+    """Time ``repeats`` forward passes of ``model``: the wall-clock seconds of each, in call order.
+
     The model runs in eval mode under :func:`torch.no_grad`, as inference does (fused kernels
     included). ``warmup`` untimed calls come first, then ``repeats`` timed ones, each timed with
     :func:`time.perf_counter`; on CUDA the device is synchronized before and after each timed
-    call. The median is robust to the odd slow call. Every submodule's train/eval mode is
-    restored afterwards.
+    call. Every submodule's train/eval mode is restored afterwards. :func:`measure_latency` reports
+    their median; their spread says how much a difference between two models can be trusted.
 
     Args:
         model: The model, already on ``device``. Not moved.
@@ -202,7 +241,7 @@ def measure_latency(
         repeats: Timed calls (``>= 1``).
 
     Returns:
-        The median latency of one forward pass, in seconds.
+        The seconds of each timed forward pass.
 
     Raises:
         PruningError: If an argument is invalid, the model's parameters are not on ``device``,
@@ -211,11 +250,11 @@ def measure_latency(
     Examples:
         >>> import torch
         >>> from torch import nn
-        >>> seconds = measure_latency(nn.Linear(10, 5), torch.randn(1, 10), batch_size=4)
-        >>> seconds > 0
-        True
+        >>> times = latency_samples(nn.Linear(10, 5), torch.randn(1, 10), repeats=5)
+        >>> len(times), min(times) > 0
+        (5, True)
     """
-    func = "measure_latency"
+    func = _func
     check_module(model, func)
     check_inputs(example_inputs, func)
     _check_int(func, "warmup", warmup, 0)
@@ -253,7 +292,7 @@ def measure_latency(
             _forward(model, inputs, func, compiled=True)
             sync()
             times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
+    return times
 
 
 def _forward(model: nn.Module, inputs: ExampleInputs, func: str, *, compiled: bool = False) -> Any:

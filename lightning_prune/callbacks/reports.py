@@ -110,9 +110,12 @@ class Figures:
     Attributes:
         params: Parameters.
         nonzero_params: Non-zero parameters.
-        macs: MACs of one forward pass with the example inputs (their batch size, not per sample).
+        macs: MACs of one forward pass with the example inputs (all ``examples`` of them).
+        examples: The example inputs' batch size (``macs_per_example`` divides by it).
         latency_b1_ms: Median latency of a batch of one, in milliseconds.
+        latency_b1_range: Its fastest and slowest timed call, in milliseconds.
         latency_batch_ms: Median latency of a batch of ``batch_size``, in milliseconds.
+        latency_batch_range: Its fastest and slowest timed call, in milliseconds.
         batch_size: The larger batch size.
         checkpoint_mb: Size of the module's state dict saved with ``torch.save``, in MiB.
     """
@@ -120,32 +123,54 @@ class Figures:
     params: int
     nonzero_params: int
     macs: int
+    examples: int
     latency_b1_ms: float
+    latency_b1_range: tuple[float, float]
     latency_batch_ms: float
+    latency_batch_range: tuple[float, float]
     batch_size: int
     checkpoint_mb: float
 
+    @property
+    def macs_per_example(self) -> float:
+        """MACs of one example (the per-sample figure papers report)."""
+        return self.macs / max(self.examples, 1)
+
     def short(self) -> dict[str, float]:
         """The figures under short names (``params``, ``latency_b64_ms``, ...)."""
+        b = self.batch_size
         return {
             "params": float(self.params),
             "nonzero_params": float(self.nonzero_params),
             "macs": float(self.macs),
+            "macs_per_example": float(self.macs_per_example),
+            "examples": float(self.examples),
             "latency_b1_ms": float(self.latency_b1_ms),
-            f"latency_b{self.batch_size}_ms": float(self.latency_batch_ms),
+            "latency_b1_min_ms": float(self.latency_b1_range[0]),
+            "latency_b1_max_ms": float(self.latency_b1_range[1]),
+            f"latency_b{b}_ms": float(self.latency_batch_ms),
+            f"latency_b{b}_min_ms": float(self.latency_batch_range[0]),
+            f"latency_b{b}_max_ms": float(self.latency_batch_range[1]),
             "checkpoint_mb": float(self.checkpoint_mb),
         }
 
     @classmethod
     def from_short(cls, values: dict[str, float], batch_size: int) -> Figures:
-        """The inverse of :meth:`short`."""
+        """The inverse of :meth:`short` (KeyError for figures written by an older version)."""
+        b = batch_size
         return cls(
             params=int(values["params"]),
             nonzero_params=int(values["nonzero_params"]),
             macs=int(values["macs"]),
+            examples=int(values["examples"]),
             latency_b1_ms=float(values["latency_b1_ms"]),
-            latency_batch_ms=float(values[f"latency_b{batch_size}_ms"]),
-            batch_size=batch_size,
+            latency_b1_range=(float(values["latency_b1_min_ms"]), float(values["latency_b1_max_ms"])),
+            latency_batch_ms=float(values[f"latency_b{b}_ms"]),
+            latency_batch_range=(
+                float(values[f"latency_b{b}_min_ms"]),
+                float(values[f"latency_b{b}_max_ms"]),
+            ),
+            batch_size=b,
             checkpoint_mb=float(values["checkpoint_mb"]),
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import statistics
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from lightning_prune.callbacks._trainer import example_inputs, refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import measure_latency, model_stats
+from lightning_prune.stats import latency_samples, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
 
 
@@ -220,13 +221,18 @@ class ShrinkOnFitEnd(Callback):
         torch.save(pl_module.state_dict(), buffer)
         one = _first_sample(example)
         big = self.latency_batch_size
+        repeats = self.latency_repeats
+        small = [1e3 * t for t in latency_samples(pl_module, one, repeats=repeats)]
+        large = [1e3 * t for t in latency_samples(pl_module, one, batch_size=big, repeats=repeats)]
         return Figures(
             params=stats.params,
             nonzero_params=stats.nonzero_params,
             macs=stats.macs,
-            latency_b1_ms=1e3 * measure_latency(pl_module, one, repeats=self.latency_repeats),
-            latency_batch_ms=1e3
-            * measure_latency(pl_module, one, batch_size=big, repeats=self.latency_repeats),
+            examples=_batch_size(example),
+            latency_b1_ms=statistics.median(small),
+            latency_b1_range=(min(small), max(small)),
+            latency_batch_ms=statistics.median(large),
+            latency_batch_range=(min(large), max(large)),
             batch_size=big,
             checkpoint_mb=buffer.getbuffer().nbytes / 2**20,
         )
@@ -240,15 +246,28 @@ class ShrinkOnFitEnd(Callback):
         rows = [
             ("params", "params", "{:,.0f}"),
             ("non-zero params", "nonzero_params", "{:,.0f}"),
-            ("MACs", "macs", "{:,.0f}"),
-            ("latency, batch 1 (ms)", "latency_b1_ms", "{:.3f}"),
-            (f"latency, batch {r.after.batch_size} (ms)", "latency_batch_ms", "{:.3f}"),
+            ("MACs per example", "macs_per_example", "{:,.0f}"),
+            ("latency, batch 1 (ms, median)", "latency_b1_ms", "{:.3f}"),
+            (f"latency, batch {r.after.batch_size} (ms, median)", "latency_batch_ms", "{:.3f}"),
             ("checkpoint (MB)", "checkpoint_mb", "{:.3f}"),
         ]
         for label, key, fmt in rows:
             b, a = getattr(r.before, key), getattr(r.after, key)
             table.add_row(label, fmt.format(b), fmt.format(a), f"{a / b:.3f}" if b else "-")
+        noisy = []
+        ranges = (("batch 1", "latency_b1_range"), (f"batch {r.after.batch_size}", "latency_batch_range"))
+        for label, key in ranges:
+            (b_lo, b_hi), (a_lo, a_hi) = getattr(r.before, key), getattr(r.after, key)
+            before, after = f"{b_lo:.3f}–{b_hi:.3f}", f"{a_lo:.3f}–{a_hi:.3f}"
+            table.add_row(f"  fastest–slowest, {label}", before, after, "")
+            if a_lo <= b_hi and b_lo <= a_hi:
+                noisy.append(label)
         table.caption = f"{r.channels_removed} dead channels removed at the end of fit"
+        if noisy:
+            table.caption += (
+                f"; latency ({', '.join(noisy)}): the start and end ranges overlap, so the difference is "
+                "within run-to-run noise"
+            )
         return table
 
 
@@ -324,3 +343,10 @@ def _unwritable(path: Path) -> str | None:
 
 def _first_sample(example: Any) -> Any:
     return apply_to_collection(example, torch.Tensor, lambda t: t[:1])
+
+
+def _batch_size(example: Any) -> int:
+    """The batch size of example inputs: the first dimension of their first tensor (1 without one)."""
+    tensors: list[torch.Tensor] = []
+    apply_to_collection(example, torch.Tensor, tensors.append)
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1

@@ -34,6 +34,10 @@ def test_structured_snip_then_shrink_saves_a_checkpoint_that_reloads(tmp_path):
     assert r.after.checkpoint_mb < r.before.checkpoint_mb
     assert r.after.latency_b1_ms > 0 and r.before.latency_batch_ms > 0 and r.before.batch_size == 8
     assert r.metrics()["shrink/latency_b8_ms_before"] == r.before.latency_batch_ms
+    for figures in (r.before, r.after):
+        lo, hi = figures.latency_b1_range
+        assert lo <= figures.latency_b1_ms <= hi
+        assert figures.macs_per_example == figures.macs / figures.examples and figures.examples == 2
     assert "shrink/macs_after" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "params" in str(shrinker.table().columns[0]._cells)
 
@@ -91,3 +95,17 @@ def test_resumed_fit_compares_with_the_first_start(tmp_path):
     trainer(tmp_path, cbs, max_epochs=2).fit(TinyModule(), ckpt_path=tmp_path / "c" / "epoch=0-step=4.ckpt")
     assert again.report.before.params == first
     assert again.report.after.params < first
+
+
+def test_the_table_says_when_a_latency_difference_is_within_the_noise():
+    from lightning_prune.callbacks.reports import Figures, GainReport
+
+    def figures(b1, spread):
+        return Figures(100, 90, 1000, 2, b1, (b1 - spread, b1 + spread), 4 * b1, (3 * b1, 5 * b1), 8, 1.0)
+
+    shrinker = ShrinkOnFitEnd()
+    shrinker.report = GainReport(figures(1.0, 0.5), figures(0.9, 0.5), 3)  # ranges overlap
+    assert "batch 1, batch 8): the start and end ranges overlap" in shrinker.table().caption
+    shrinker.report = GainReport(figures(1.0, 0.01), figures(0.2, 0.01), 3)  # 5x faster, clearly
+    assert "overlap" not in shrinker.table().caption
+    assert "MACs per example" in str(shrinker.table().columns[0]._cells)
