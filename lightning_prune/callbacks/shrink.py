@@ -20,13 +20,16 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
+from lightning_prune._inputs import flatten_outputs
+from lightning_prune._validate import integer
 from lightning_prune.callbacks._surgery import notify_shrink
 from lightning_prune.callbacks._trainer import example_inputs, refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import latency_samples, model_stats
+from lightning_prune.stats import _eval_mode, latency_samples, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
+from lightning_prune.structure.graph import same_outputs
 
 
 class ShrinkOnFitEnd(Callback):
@@ -56,6 +59,12 @@ class ShrinkOnFitEnd(Callback):
             into a freshly built one. Its folder is created in ``setup``.
         latency_batch_size: The larger batch size of the latency measurement.
         latency_repeats: Timed forward passes per measurement (the median is reported).
+        export_path: Also write the shrunk model as a ``torch.export`` program (``.pt2``, rank 0), after
+            checking that the exported program gives the module's outputs on the example inputs; load
+            it with ``torch.export.load(path).module()``. The batch dimension is dynamic where the model
+            allows it. Its folder is checked in ``setup`` like
+            ``save_path``'s. A model ``torch.export`` cannot capture fails here with the reason (the
+            shrunk checkpoint is saved first).
 
     Raises:
         PruningError: Here, if ``latency_batch_size`` or ``latency_repeats`` < 1 or ``save_path`` is a
@@ -75,20 +84,20 @@ class ShrinkOnFitEnd(Callback):
         save_path: str | os.PathLike | None = None,
         latency_batch_size: int = 64,
         latency_repeats: int = 10,
+        export_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        for arg, value in (("latency_batch_size", latency_batch_size), ("latency_repeats", latency_repeats)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PruningError(
-                    f"`ShrinkOnFitEnd({arg}={value!r})` is invalid: `{arg}` must be an int >= 1; "
-                    f"got {value!r}."
-                )
+        owner = "ShrinkOnFitEnd"
+        latency_batch_size = integer(owner, "latency_batch_size", latency_batch_size, low=1)
+        latency_repeats = integer(owner, "latency_repeats", latency_repeats, low=1)
         self.save_path = Path(save_path) if save_path is not None else None
-        if self.save_path is not None and self.save_path.is_dir():
-            raise PruningError(
-                f"`ShrinkOnFitEnd(save_path={str(save_path)!r})` is invalid: it is a directory; give a file "
-                "path such as 'outputs/shrunk.pt'."
-            )
+        self.export_path = Path(export_path) if export_path is not None else None
+        for arg, path in (("save_path", self.save_path), ("export_path", self.export_path)):
+            if path is not None and path.is_dir():
+                raise PruningError(
+                    f"`ShrinkOnFitEnd({arg}={str(path)!r})` is invalid: it is a directory; give a file "
+                    "path such as 'outputs/shrunk.pt'."
+                )
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.report: GainReport | None = None  # at the end of fit
@@ -128,12 +137,14 @@ class ShrinkOnFitEnd(Callback):
                 "shrunk weights back into the main process's unshrunk module, which fails. Use "
                 "strategy='ddp'."
             )
-        if self.save_path is not None:
-            problem = _unwritable(self.save_path) if trainer.is_global_zero else None
+        for arg, path in (("save_path", self.save_path), ("export_path", self.export_path)):
+            if path is None:
+                continue
+            problem = _unwritable(path) if trainer.is_global_zero else None
             problem = trainer.strategy.broadcast(problem, src=0)  # every rank stops, not only rank 0
             if problem:
                 raise PruningError(
-                    f"`ShrinkOnFitEnd(save_path={str(self.save_path)!r})` cannot be written: {problem}. "
+                    f"`ShrinkOnFitEnd({arg}={str(path)!r})` cannot be written: {problem}. "
                     "Checked before training so that no training is lost; give a writable file path."
                 )
 
@@ -177,6 +188,8 @@ class ShrinkOnFitEnd(Callback):
         notify_shrink(trainer, pl_module, result.removals)  # a module's own shape-bound tensors follow
         if trainer.is_global_zero and self.save_path is not None:
             save_shrunk(pl_module, self.save_path)  # first: nothing below can lose the shrunk weights
+        if trainer.is_global_zero and self.export_path is not None:
+            export_checked(pl_module, self._example(trainer, pl_module), self.export_path)
         before = self._before or self._measure(trainer, pl_module)
         self.report = GainReport(before, self._measure(trainer, pl_module), result.channels_removed)
         metrics = self.report.metrics()
@@ -306,6 +319,66 @@ def save_shrunk(pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
 
 # Types that `torch.load(weights_only=True)` loads, besides the containers `_plain` walks into.
 _SAFE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> None:
+    """Write ``module`` as a ``torch.export`` program at ``path``, checked to give the same outputs.
+
+    The module is exported in eval mode on ``example_inputs``; the exported program must give the module's
+    own outputs (float tolerance) on them, else nothing is written. Load with
+    ``torch.export.load(path).module()``.
+
+    Raises:
+        PruningError: If ``torch.export`` cannot capture the module, or its outputs differ.
+    """
+    path = Path(path)
+    args, kwargs = _call_args(example_inputs)
+    with _eval_mode(module), torch.no_grad():
+        expected = flatten_outputs(module(*args, **kwargs))
+        try:
+            program = _export(module, args, kwargs)
+            got = flatten_outputs(program.module()(*args, **kwargs))
+        except Exception as err:
+            raise PruningError(
+                f"ShrinkOnFitEnd(export_path={str(path)!r}): torch.export cannot capture "
+                f"{type(module).__name__}: {type(err).__name__}: {err}"
+            ) from err
+    if not same_outputs(expected, got):
+        raise PruningError(
+            f"ShrinkOnFitEnd(export_path={str(path)!r}): the exported program does not give the outputs of "
+            f"{type(module).__name__}; nothing was written."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.export.save(program, tmp)
+    os.replace(tmp, path)
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``torch.export`` with the first dimension of every input tensor dynamic (static if that fails)."""
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
+        if isinstance(value, list | tuple):
+            return type(value)(spec(v) for v in value)
+        if isinstance(value, Mapping):
+            return {k: spec(v) for k, v in value.items()}
+        return None
+
+    dynamic = {k: spec(v) for k, v in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    try:
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
+    except Exception:
+        return torch.export.export(module, args, kwargs)
+
+
+def _call_args(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
 
 
 def _plain(value: Any, key: str, converted: list[str]) -> Any:

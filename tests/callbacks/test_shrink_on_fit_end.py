@@ -109,3 +109,31 @@ def test_the_table_says_when_a_latency_difference_is_within_the_noise():
     shrinker.report = GainReport(figures(1.0, 0.01), figures(0.2, 0.01), 3)  # 5x faster, clearly
     assert "overlap" not in shrinker.table().caption
     assert "MACs per example" in str(shrinker.table().columns[0]._cells)
+
+
+def test_the_shrunk_model_is_exported_with_torch_export_and_checked(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    shrinker = ShrinkOnFitEnd(export_path=tmp_path / "out" / "small.pt2", latency_repeats=1)
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    program = torch.export.load(tmp_path / "out" / "small.pt2")
+    x = torch.randn(3, 3, 8, 8)
+    module.eval()
+    torch.testing.assert_close(program.module()(x), module(x))
+    weights = dict(program.module().named_parameters())
+    assert weights["model.features.0.weight"].shape == module.model.features[0].weight.shape
+    assert module.model.features[0].out_channels < 8
+
+
+def test_a_model_torch_export_cannot_capture_fails_after_the_checkpoint_is_saved(tmp_path):
+    class DataDependent(TinyModule):
+        def forward(self, x):
+            out = self.model(x)
+            return out if float(out.sum()) > -1e9 else -out  # Python control flow on a value
+
+    pl.seed_everything(0)
+    module = DataDependent()
+    shrinker = ShrinkOnFitEnd(save_path=tmp_path / "small.pt", export_path=tmp_path / "small.pt2")
+    with pytest.raises(PruningError, match=r"export_path=.*torch.export cannot capture DataDependent"):
+        trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    assert (tmp_path / "small.pt").exists() and not (tmp_path / "small.pt2").exists()
