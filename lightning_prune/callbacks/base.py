@@ -378,13 +378,13 @@ class PruningCallback(Callback):
 
 
 def _resize_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: give the module the (smaller) shapes of the incoming weights."""
+    """``load_state_dict`` pre-hook: give the module the shapes of the incoming weights (either way)."""
     own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     expected = module.state_dict(keep_vars=True)
     if any(k in expected and getattr(v, "shape", None) != expected[k].shape for k, v in own.items()):
         resize_to_state_dict(module, own)
         rank_zero_info(
-            f"lightning-prune: resized {type(module).__name__} to the shrunk shapes of the checkpoint."
+            f"lightning-prune: resized {type(module).__name__} to the shapes of the checkpoint."
         )
 
 
