@@ -383,9 +383,7 @@ def _resize_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix
     expected = module.state_dict(keep_vars=True)
     if any(k in expected and getattr(v, "shape", None) != expected[k].shape for k, v in own.items()):
         resize_to_state_dict(module, own)
-        rank_zero_info(
-            f"lightning-prune: resized {type(module).__name__} to the shapes of the checkpoint."
-        )
+        rank_zero_info(f"lightning-prune: resized {type(module).__name__} to the shapes of the checkpoint.")
 
 
 def _node_count(module: nn.Module, layers: Sequence[str]) -> int:
