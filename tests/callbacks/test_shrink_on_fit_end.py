@@ -137,3 +137,19 @@ def test_a_model_torch_export_cannot_capture_fails_after_the_checkpoint_is_saved
     with pytest.raises(PruningError, match=r"export_path=.*torch.export cannot capture DataDependent"):
         trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
     assert (tmp_path / "small.pt").exists() and not (tmp_path / "small.pt2").exists()
+
+
+def test_channels_last_converts_the_shrunk_model_and_keeps_its_function(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    shrinker = ShrinkOnFitEnd(save_path=tmp_path / "small.pt", channels_last=True, latency_repeats=1)
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    conv = module.model.features[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert "channels_last" in shrinker.table().caption
+    loaded = load_pruned_checkpoint(TinyModule, tmp_path / "small.pt")  # loads like any other file
+    x = torch.randn(2, 3, 8, 8)
+    module.eval()
+    torch.testing.assert_close(loaded.eval()(x), module(x))
+    with pytest.raises(PruningError, match=r"`channels_last` must be a bool"):
+        ShrinkOnFitEnd(channels_last="yes")
