@@ -20,12 +20,18 @@ def call_model(model: nn.Module, example_inputs: ExampleInputs, *, compiled: boo
     Eagerly unless ``compiled`` (see :func:`eager`): analysis relies on hooks and autograd records that
     compiled code does not show; only latency measurements run compiled code as it is.
     """
+    args, kwargs = call_arguments(example_inputs)
     with contextlib.nullcontext() if compiled else eager():
-        if isinstance(example_inputs, torch.Tensor):
-            return model(example_inputs)
-        if isinstance(example_inputs, Mapping):
-            return model(**example_inputs)
-        return model(*example_inputs)
+        return model(*args, **kwargs)
+
+
+def call_arguments(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    """The positional and keyword arguments ``example_inputs`` stand for (see :func:`call_model`)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    return tuple(example_inputs), {}
 
 
 def eager() -> contextlib.AbstractContextManager:

@@ -16,11 +16,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_prune._inputs import ExampleInputs, eager, to_device
+from lightning_prune._inputs import ExampleInputs, eager, flatten_outputs, to_device
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import _eval_mode
 from lightning_prune.structure.layers import is_root
@@ -158,7 +157,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
             for index, loader in enumerate(loaders):
                 for batch_idx, batch in enumerate(loader):
                     batch = _on_device(trainer, batch)
-                    tensors = [t for t in _tensors_in(batch) if t.dim() > 0]
+                    tensors = [t for t in flatten_outputs(batch) if t.dim() > 0]
                     current["size"] = len(tensors[0]) if tensors else 1
                     extra = (index,) if len(loaders) > 1 else ()
                     pl_module.validation_step(batch, batch_idx, *extra)
@@ -169,12 +168,6 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
         return out
     finally:
         del pl_module.__dict__["log"]
-
-
-def _tensors_in(batch: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    apply_to_collection(batch, torch.Tensor, found.append)
-    return found
 
 
 def refuse_sharding(owner: str, strategy: Any) -> None:

@@ -80,6 +80,7 @@ class PruningCallback(Callback):
         self._node_layers: list[str] = []  # selected layers whose outputs are not model outputs
         self._resize_hook: Any = None
         self._example: ExampleInputs | None = None
+        self._due_checked: int | None = None  # the epoch whose due pruning was run
         self.refused_groups: dict[str, str] = {}  # group -> why its channels could not be removed exactly
 
     # -- identity and state ----------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class PruningCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """(Re)attach the mask hooks; subclasses prune before calling this."""
+        self._due_checked = None  # every fit checks its first epoch
         self._attach(trainer, pl_module)
 
     @override
@@ -188,14 +190,19 @@ class PruningCallback(Callback):
         *and* after any checkpoint written at its end, so that each checkpoint's score belongs to the
         network it holds. A run resumed from such a checkpoint catches up here too.
         """
-        self.prune_due(trainer, pl_module)
+        self._prune_due_once(trainer, pl_module)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Catch up before the batch when Lightning resumed mid-epoch without ``on_train_epoch_start``."""
-        self.prune_due(trainer, pl_module)
+        self._prune_due_once(trainer, pl_module)
+
+    def _prune_due_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due_checked != trainer.current_epoch:  # once per epoch, not in every batch
+            self._due_checked = trainer.current_epoch
+            self.prune_due(trainer, pl_module)
 
     def prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Prune now what is due after ``trainer.current_epoch`` completed epochs; whether anything was.

@@ -20,14 +20,14 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import override
 
-from lightning_prune._inputs import flatten_outputs
+from lightning_prune._inputs import call_arguments, flatten_outputs
 from lightning_prune._validate import boolean, integer
 from lightning_prune.callbacks._surgery import notify_shrink
 from lightning_prune.callbacks._trainer import example_inputs, refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _eval_mode, latency_samples, model_stats
+from lightning_prune.stats import ModelStats, _eval_mode, latency_samples, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
 from lightning_prune.structure.graph import same_outputs
 
@@ -162,15 +162,15 @@ class ShrinkOnFitEnd(Callback):
         the end of fit; it does not modify the model.
         """
         self._device = pl_module.device
-        if self._before is None:
-            self._before = self._measure(trainer, pl_module)
-        try:
-            ChannelGraph(pl_module, self._example(trainer, pl_module))
+        try:  # the trace also counts params and MACs for the figures
+            graph = ChannelGraph(pl_module, self._example(trainer, pl_module), measure=True)
         except PruningError as err:
             raise PruningError(
                 f"ShrinkOnFitEnd could not shrink {type(pl_module).__name__} at the end of fit, so it stops "
                 f"before training: {err}"
             ) from err
+        if self._before is None:
+            self._before = self._measure(trainer, pl_module, graph.traced_stats)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,7 +198,8 @@ class ShrinkOnFitEnd(Callback):
         if trainer.is_global_zero and self.export_path is not None:
             export_checked(pl_module, self._example(trainer, pl_module), self.export_path)
         before = self._before or self._measure(trainer, pl_module)
-        self.report = GainReport(before, self._measure(trainer, pl_module), result.channels_removed)
+        after = self._measure(trainer, pl_module, result.after)  # shrink counted them after the surgery
+        self.report = GainReport(before, after, result.channels_removed)
         metrics = self.report.metrics()
         for key, value in metrics.items():
             trainer.callback_metrics[key] = torch.tensor(value)
@@ -234,9 +235,12 @@ class ShrinkOnFitEnd(Callback):
             self._inputs = example_inputs(trainer, pl_module, type(self).__name__)
         return self._inputs
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Figures:
+    def _measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: ModelStats | None = None
+    ) -> Figures:
+        """The figures of ``pl_module`` now; ``stats``: its params and MACs, if already counted."""
         example = self._example(trainer, pl_module)
-        stats = model_stats(pl_module, example)
+        stats = stats or model_stats(pl_module, example)
         buffer = io.BytesIO()
         torch.save(pl_module.state_dict(), buffer)
         one = _first_sample(example)
@@ -341,7 +345,7 @@ def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.
         PruningError: If ``torch.export`` cannot capture the module, or its outputs differ.
     """
     path = Path(path)
-    args, kwargs = _call_args(example_inputs)
+    args, kwargs = call_arguments(example_inputs)
     with _eval_mode(module), torch.no_grad():
         expected = flatten_outputs(module(*args, **kwargs))
         try:
@@ -380,14 +384,6 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception:
         return torch.export.export(module, args, kwargs)
-
-
-def _call_args(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    return tuple(example_inputs), {}
 
 
 def _plain(value: Any, key: str, converted: list[str]) -> Any:
@@ -429,6 +425,5 @@ def _first_sample(example: Any) -> Any:
 
 def _batch_size(example: Any) -> int:
     """The batch size of example inputs: the first dimension of their first tensor (1 without one)."""
-    tensors: list[torch.Tensor] = []
-    apply_to_collection(example, torch.Tensor, tensors.append)
+    tensors = flatten_outputs(example)
     return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1

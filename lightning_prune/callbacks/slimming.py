@@ -312,9 +312,9 @@ class SlimmingL1Callback(PruningCallback):
         """
         owner = type(self).__name__
         example = self.example_inputs(trainer, pl_module)
-        graph = ChannelGraph(pl_module, example)
+        graph = ChannelGraph(pl_module, example, measure=True)  # the trace counts params and MACs too
         self._node_layers = [n for n in self._layers if n not in graph.output_layers]
-        before = model_stats(pl_module, example)
+        before = graph.traced_stats
         self.sparsity(pl_module)  # counts before pruning
         scores = self._scores(graph, pl_module)
         if not scores:
