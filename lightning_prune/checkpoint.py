@@ -152,7 +152,7 @@ def load_pruned_state_dict(
 
 
 def resize_to_state_dict(model: _M, state_dict: Mapping[str, Any]) -> _M:
-    """Resize ``model``'s layers, in place, to the (smaller) shapes in ``state_dict``, without loading values.
+    """Resize ``model``'s layers, in place, to the shapes in ``state_dict``, without loading values.
 
     The shape half of :func:`load_pruned_state_dict` (same rules and errors; keys the model lacks are
     ignored). The pruning callbacks use it to give a model the shrunk shapes of a checkpoint before Lightning
@@ -191,7 +191,7 @@ def load_pruned_checkpoint(
     Raises:
         PruningError: If ``torch.load`` cannot read the file (truncated, corrupted, or holding objects that
             ``weights_only`` loading refuses; the original error is chained), the checkpoint has no
-            ``state_dict`` or its shapes are not a shrink of the module.
+            ``state_dict`` or its shapes do not fit the module.
         FileNotFoundError: If there is no file at ``checkpoint_path`` (likewise ``IsADirectoryError``,
             ``PermissionError``).
     """
@@ -409,6 +409,12 @@ def _plan(
         plan = _plan_layer(owner, saved[layer])
         base = f"{layer}." if layer else ""
         for attr, shape in plan.shapes.items():
+            current = getattr(owner.module, attr).shape
+            if attr not in saved[layer] and any(n > o for n, o in zip(shape, current, strict=True)):
+                raise PruningError(  # a grown tensor needs its values from the state dict
+                    f"`{_FUNC}`: {base + attr} would grow to {shape} with {layer or 'the model'}, but "
+                    "the state dict has no values for it (strict=False with a missing key)."
+                )
             tensor = getattr(owner.module, attr)
             other = targets.setdefault(id(tensor), (shape, base + attr))
             if other[0] != shape:

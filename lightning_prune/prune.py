@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,8 +13,8 @@ from lightning_prune._validate import fraction
 from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import ModelStats, model_stats
-from lightning_prune.structure import ChannelGraph, Removal, auto_round_to, lowest_channels, node_weights
+from lightning_prune.stats import ModelStats, stats_and_outputs
+from lightning_prune.structure import ChannelGraph, Removal, channel_multiple, lowest_channels, node_weights
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,10 @@ def prune_channels(
     rounding = check_round_to(owner, round_to)
     graph = ChannelGraph(model, example_inputs, frozen=frozen, measure=True)
     groups = [g for g in graph.groups if g.prunable and g.size > 1]
+    if not groups:
+        raise PruningError(
+            f"`{owner}`: {type(model).__name__} has no prunable channel group ({graph.refusals()})."
+        )
     if isinstance(scores, str):
         criterion = get_criterion(scores, structured=True, owner=owner)
         if criterion.needs_data:
@@ -96,31 +100,35 @@ def prune_channels(
                 f"`{owner}(scores={scores!r})` is invalid: {scores!r} needs training batches; use a pruning "
                 "callback in a Trainer, or pass your own scores (group name → tensor)."
             )
-        scores = criterion.node_scores(ScoringInputs(model, {}, _no_losses, groups))
+        scores = criterion.node_scores(ScoringInputs(model, {}, lambda: iter(()), groups))
     sizes = {g.name: g.size for g in groups}
     for name, values in scores.items():
-        if name not in sizes or tuple(values.shape) != (sizes[name],):
-            want = f"shape ({sizes[name]},)" if name in sizes else f"a prunable group: {sorted(sizes)}"
+        ok = isinstance(values, torch.Tensor) and name in sizes and tuple(values.shape) == (sizes[name],)
+        if not ok or not bool(torch.isfinite(values).all()):
+            want = (
+                f"a finite tensor of shape ({sizes[name]},)" if name in sizes else f"one of {sorted(sizes)}"
+            )
             raise PruningError(f"`{owner}(scores=...)`: scores for {name!r} must be {want}.")
     scores = {n: v.detach().float().cpu() for n, v in scores.items()}
-    param = next(model.parameters())
-    multiple = auto_round_to(param.device, param.dtype) if rounding == "auto" else rounding
+    multiple = channel_multiple(model, rounding)
     plan = lowest_channels(graph, scores, amount, multiple)
     by_name = {g.name: g for g in groups}
-    removals = graph.prune(plan, verify=example_inputs, compare=False)
+    measured: list[ModelStats] = []
+
+    def run(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:  # checks and counts at once
+        stats, outputs = stats_and_outputs(model, inputs)
+        measured.append(stats)
+        return outputs
+
+    removals = graph.prune(plan, verify=example_inputs, compare=False, run=run)
     weights = {n: node_weights(graph, by_name[n]) for n in scores}
     total = sum(weights[n] * by_name[n].size for n in scores)
     gone = sum(weights[n] * len(c) for n, c in plan.items())
     return PruneResult(
         before=graph.traced_stats,
-        after=model_stats(model, example_inputs),
+        after=measured[-1] if measured else graph.traced_stats,
         removed={n: len(c) * by_name[n].ties for n, c in plan.items()},
         node_sparsity=gone / max(total, 1),
         round_to=multiple,
         removals=removals,
     )
-
-
-def _no_losses() -> Iterator[torch.Tensor]:
-    raise PruningError("prune_channels: this criterion needs training batches")
-    yield  # pragma: no cover

@@ -197,15 +197,7 @@ def measure_latency(
         >>> seconds > 0
         True
     """
-    times = latency_samples(
-        model,
-        example_inputs,
-        batch_size=batch_size,
-        device=device,
-        warmup=warmup,
-        repeats=repeats,
-        _func="measure_latency",
-    )
+    times = _latency("measure_latency", model, example_inputs, batch_size, device, warmup, repeats)
     return float(statistics.median(times))
 
 
@@ -217,7 +209,6 @@ def latency_samples(
     device: torch.device | str | None = None,
     warmup: int = 3,
     repeats: int = 10,
-    _func: str = "latency_samples",
 ) -> list[float]:
     """Time ``repeats`` forward passes of ``model``: the wall-clock seconds of each, in call order.
 
@@ -254,7 +245,18 @@ def latency_samples(
         >>> len(times), min(times) > 0
         (5, True)
     """
-    func = _func
+    return _latency("latency_samples", model, example_inputs, batch_size, device, warmup, repeats)
+
+
+def _latency(
+    func: str,
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    batch_size: int | None,
+    device: torch.device | str | None,
+    warmup: int,
+    repeats: int,
+) -> list[float]:
     check_module(model, func)
     check_inputs(example_inputs, func)
     _check_int(func, "warmup", warmup, 0)

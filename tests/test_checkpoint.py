@@ -638,3 +638,13 @@ def test_failed_load_restores_the_layers(monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         load_pruned_state_dict(model, small.state_dict())
     assert_unchanged(model, before)
+
+
+def test_a_tensor_that_would_grow_without_values_is_refused():
+    big, small = randomize(small_cnn()), randomize(small_cnn(width=5))
+    state_dict = big.state_dict()
+    del state_dict["1.running_var"]  # the norm of the grown conv would get made-up statistics
+    before = snapshot(small)
+    with pytest.raises(PruningError, match=r"1\.running_var would grow to \(8,\) .* has no values for it"):
+        load_pruned_state_dict(small, state_dict, strict=False)
+    assert_unchanged(small, before)

@@ -68,8 +68,12 @@ def test_prune_channels_takes_the_user_s_scores_and_checks_them():
     scores = {"0": torch.arange(16.0)}  # channel 0 is the least important
     result = prune_channels(model, x, 0.25, scores=scores)
     assert result.removed == {"0": 4} and model[0].out_features == 12
-    with pytest.raises(PruningError, match=r"scores for '0' must be shape \(12,\)"):
+    with pytest.raises(PruningError, match=r"scores for '0' must be a finite tensor of shape \(12,\)"):
         prune_channels(model, x, 0.25, scores={"0": torch.ones(3)})
+    with pytest.raises(PruningError, match=r"scores for '0' must be a finite tensor"):
+        prune_channels(model, x, 0.25, scores={"0": torch.full((12,), float("nan"))})
+    with pytest.raises(PruningError, match=r"has no prunable channel group"):
+        prune_channels(nn.Linear(4, 2), x, 0.25)
     with pytest.raises(PruningError, match=r"'snip' needs training batches"):
         prune_channels(model, x, 0.25, scores="snip")
     with pytest.raises(PruningError, match=r"`round_to` must be an int >= 1 or 'auto'; got 0"):

@@ -274,3 +274,32 @@ def test_our_flatten_mapping_gives_the_engine_s_index_records(pairs, stride, rev
     theirs = _FlattenIndexMapping(stride, reverse)(idxs)
     ours = _FlattenMapping(stride, reverse)(idxs)
     assert ours == theirs and all(type(i) is _HybridIndex for i in ours)
+
+
+class FrozenTokens(nn.Module):
+    """Token ids in, every parameter frozen: nothing in the forward pass records autograd on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.block(self.embed(ids)).mean(1))
+
+
+def test_a_frozen_model_on_token_ids_is_traced_counted_and_stays_frozen():
+    torch.manual_seed(0)
+    model = FrozenTokens().eval()
+    zero_channels(model, [("block.linear1", slice(0, 10))])
+    model.requires_grad_(False)
+    ids = torch.randint(0, 50, (2, 5))
+    ref = eval_outputs(model, ids)
+    dense = model_stats(model, ids)
+    traced = ChannelGraph(model, ids, measure=True).traced_stats
+    assert (traced.macs, traced.params) == (dense.macs, dense.params)  # fused attention counted too
+    report = shrink(model, ids)
+    assert report.removed == {"block.linear1": 10} and report.before.macs == dense.macs
+    assert not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(eval_outputs(model, ids), ref, rtol=1e-4, atol=1e-5)

@@ -35,7 +35,7 @@ from lightning_prune.callbacks._surgery import OptimizerSnapshot, notify_shrink
 from lightning_prune.callbacks.reports import Sparsity
 from lightning_prune.checkpoint import resize_to_state_dict
 from lightning_prune.errors import PruningError
-from lightning_prune.structure import ChannelGraph, Removal, auto_round_to, prune_or_refuse, select_layers
+from lightning_prune.structure import ChannelGraph, Removal, channel_multiple, prune_or_refuse, select_layers
 from lightning_prune.structure.layers import is_root, output_channels
 
 
@@ -353,11 +353,7 @@ class PruningCallback(Callback):
 
     def channel_multiple(self, pl_module: pl.LightningModule) -> int:
         """The ``round_to`` of this callback for ``pl_module`` (``"auto"`` resolved for its device/dtype)."""
-        value = getattr(self, "round_to", 1)
-        if value != "auto":
-            return value
-        param = next(pl_module.parameters(), None)
-        return auto_round_to(pl_module.device, param.dtype if param is not None else torch.float32)
+        return channel_multiple(pl_module, getattr(self, "round_to", 1))
 
     def sparsity(self, pl_module: pl.LightningModule) -> Sparsity:
         """Sparsity of the selected layers now (see :class:`~lightning_prune.callbacks.reports.Sparsity`).

@@ -30,7 +30,13 @@ Examples:
 
 from lightning_prune.structure.graph import DEFAULT_TIME_BUDGET, ChannelGraph, prune_or_refuse
 from lightning_prune.structure.layers import ROOT_TYPES, select_layers
-from lightning_prune.structure.plan import auto_round_to, lowest_channels, node_weights, round_kept
+from lightning_prune.structure.plan import (
+    auto_round_to,
+    channel_multiple,
+    lowest_channels,
+    node_weights,
+    round_kept,
+)
 from lightning_prune.structure.shrink import ShrinkReport, shrink
 from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
 
@@ -43,6 +49,7 @@ __all__ = [
     "Removal",
     "ShrinkReport",
     "auto_round_to",
+    "channel_multiple",
     "lowest_channels",
     "node_weights",
     "prune_or_refuse",

@@ -116,7 +116,6 @@ class Engine:
             _index_mapping.update_index_mapping(dg)
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
         self.outputs = [t.detach() for t in outputs]
-        self.output_shapes = [t.shape for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
         self._listed: dict[nn.Module, Any] = {}  # root -> the engine's group with all its channels
         self.mixing = self._channel_mixing()
@@ -433,6 +432,7 @@ _IDENTITY = {
     _OPS.GN,
     _OPS.IN,
     _OPS.OUTPUT,
+    _OPS.CUSTOMIZED,  # only our Conv1D pruner: channel i maps to entry i
 }
 _REFRESH = {
     _OPS.CONCAT: _index_mapping.update_concat_index_mapping,

@@ -110,7 +110,13 @@ class ChannelGraph:
     def _build(self, counter: FlopCounterMode | None = None) -> None:
         model = self.model
         inputs = _leaf_copies(self.example_inputs)
-        with _eval_mode(model), _buffers_restored(model), _new_hooks_removed(model):
+        with (
+            _eval_mode(model),
+            _buffers_restored(model),
+            _new_hooks_removed(model),
+            _mha_fastpath_disabled(),  # the fused kernel hides its operations from the trace and the count
+            _all_trainable(model),  # the trace follows autograd: frozen layers must record it too
+        ):
             try:
                 self._engine = Engine(model, inputs, self.time_budget, counter)
             except PruningError as err:
@@ -256,7 +262,7 @@ class ChannelGraph:
         exact = compare and all(g.exact for g, _ in plan)
         if verify is not None and reference is None:
             if not exact and verify is self.example_inputs:
-                reference = [torch.empty(shape) for shape in self._engine.output_shapes]  # shapes only
+                reference = self._engine.outputs  # compared by shape only
             else:
                 with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
                     reference = eval_outputs(self.model, verify)
@@ -673,6 +679,19 @@ class _zeroed:
         with torch.no_grad():
             for t, dim, idx, values in reversed(self.saved):
                 t.index_copy_(dim, idx, values)
+
+
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module) -> Iterator[None]:
+    """Every floating-point parameter requires grad inside; each gets its own flag back on exit."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -153,6 +153,16 @@ def round_kept(
     return {name: chs for name, chs in out.items() if chs}
 
 
+def channel_multiple(model: torch.nn.Module, round_to: int | str) -> int:
+    """``round_to`` for ``model``: an int as it is, ``"auto"`` resolved for the model's device and dtype."""
+    if round_to != "auto":
+        return int(round_to)
+    param = next(model.parameters(), None)
+    if param is None:
+        return auto_round_to("cpu", torch.float32)
+    return auto_round_to(param.device, param.dtype)
+
+
 def auto_round_to(device: torch.device | str, dtype: torch.dtype) -> int:
     """The channel multiple ``round_to="auto"`` picks for ``device`` and ``dtype``.
 

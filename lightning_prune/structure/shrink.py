@@ -154,7 +154,7 @@ def shrink(
     done = {n: c for n, c in plan.items() if n not in skipped}
     after = None
     if stats:  # the last forward pass measured the model as it is, unless a refused attempt came after
-        after = before if not plan else measured[-1] if measured and not refused else None
+        after = before if not removals else measured[-1] if measured and not refused else None
         after = after or model_stats(model, example_inputs)
     return ShrinkReport(
         before=before,
