@@ -14,6 +14,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -246,6 +247,50 @@ def latency_samples(
         (5, True)
     """
     return _latency("latency_samples", model, example_inputs, batch_size, device, warmup, repeats)
+
+
+LATENCY_MODES = ("eager", "channels_last", "compile")
+"""How a model can be run for a latency measurement: see :func:`in_mode`."""
+
+
+def in_mode(model: nn.Module, example_inputs: ExampleInputs, mode: str) -> tuple[nn.Module, ExampleInputs]:
+    """``model`` and ``example_inputs`` prepared to run in ``mode``; ``model`` itself is not changed.
+
+    - ``"eager"``: both as they are.
+    - ``"channels_last"``: a copy of the model, and of every 4-D input tensor, in the channels-last
+      (NHWC) memory format.
+    - ``"compile"``: ``torch.compile`` of a copy (compiled on its first call, so time it after warm-up).
+
+    Raises:
+        PruningError: If ``mode`` is not one of :data:`LATENCY_MODES`.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> net, x = in_mode(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), "channels_last")
+        >>> x.is_contiguous(memory_format=torch.channels_last), net.weight.is_contiguous()
+        (True, False)
+    """
+    if mode not in LATENCY_MODES:
+        raise PruningError(
+            f"`in_mode(mode={mode!r})` is invalid: `mode` must be one of {list(LATENCY_MODES)}."
+        )
+    if mode == "eager":
+        return model, example_inputs
+    twin = copy.deepcopy(model)
+    if mode == "compile":
+        return torch.compile(twin), example_inputs
+
+    def nhwc(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            return value.contiguous(memory_format=torch.channels_last)
+        if isinstance(value, Mapping):
+            return {k: nhwc(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(nhwc(v) for v in value)
+        return value
+
+    return twin.to(memory_format=torch.channels_last), nhwc(example_inputs)
 
 
 def _latency(

@@ -14,7 +14,10 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from lightning_prune.stats import LATENCY_MODES
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,9 @@ class Figures:
         latency_batch_range: Its fastest and slowest timed call, in milliseconds.
         batch_size: The larger batch size.
         checkpoint_mb: Size of the module's state dict saved with ``torch.save``, in MiB.
+        modes: Latency of a batch of ``batch_size`` run in other modes (``"channels_last"``,
+            ``"compile"``: see :func:`lightning_prune.stats.in_mode`): mode -> (median, fastest, slowest),
+            in milliseconds.
     """
 
     params: int
@@ -130,6 +136,7 @@ class Figures:
     latency_batch_range: tuple[float, float]
     batch_size: int
     checkpoint_mb: float
+    modes: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def macs_per_example(self) -> float:
@@ -152,6 +159,10 @@ class Figures:
             f"latency_b{b}_min_ms": float(self.latency_batch_range[0]),
             f"latency_b{b}_max_ms": float(self.latency_batch_range[1]),
             "checkpoint_mb": float(self.checkpoint_mb),
+        } | {
+            f"latency_b{b}_{mode}_{stat}ms": float(value)
+            for mode, figures in self.modes.items()
+            for stat, value in zip(("", "min_", "max_"), figures, strict=True)
         }
 
     @classmethod
@@ -172,6 +183,11 @@ class Figures:
             ),
             batch_size=b,
             checkpoint_mb=float(values["checkpoint_mb"]),
+            modes={
+                mode: tuple(float(values[f"latency_b{b}_{mode}_{stat}ms"]) for stat in ("", "min_", "max_"))
+                for mode in LATENCY_MODES
+                if f"latency_b{b}_{mode}_ms" in values
+            },
         )
 
 

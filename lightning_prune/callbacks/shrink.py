@@ -7,7 +7,8 @@ import numbers
 import os
 import statistics
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,13 @@ from rich.table import Table
 from typing_extensions import override
 
 from lightning_prune._inputs import call_arguments, flatten_outputs
-from lightning_prune._validate import boolean, integer
+from lightning_prune._validate import boolean, integer, invalid
 from lightning_prune.callbacks._surgery import notify_shrink
 from lightning_prune.callbacks._trainer import example_inputs, refuse_sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import ModelStats, _eval_mode, latency_samples, model_stats
+from lightning_prune.stats import LATENCY_MODES, ModelStats, _eval_mode, in_mode, latency_samples, model_stats
 from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
 from lightning_prune.structure.graph import same_outputs
 
@@ -62,16 +63,22 @@ class ShrinkOnFitEnd(Callback):
             exported; the end-of-fit latency is then that format's.
         latency_batch_size: The larger batch size of the latency measurement.
         latency_repeats: Timed forward passes per measurement (the median is reported).
-        export_path: Also write the shrunk model as a ``torch.export`` program (``.pt2``, rank 0), after
-            checking that the exported program gives the module's outputs on the example inputs; load
-            it with ``torch.export.load(path).module()``. The batch dimension is dynamic where the model
-            allows it. Its folder is checked in ``setup`` like
-            ``save_path``'s. A model ``torch.export`` cannot capture fails here with the reason (the
-            shrunk checkpoint is saved first).
+        export_path: Also write the shrunk model for deployment (rank 0), after checking that the exported
+            model gives the module's outputs on the example inputs: an ONNX file if the path ends in
+            ``.onnx`` (needs ``onnx``, ``onnxscript`` and ``onnxruntime``: ``pip install
+            lightning-prune[onnx]``; checked with ONNX Runtime), else a ``torch.export`` program (use
+            ``.pt2``; load it with ``torch.export.load(path).module()``). The batch dimension is dynamic
+            where the model allows it. Its folder is checked in ``setup`` like ``save_path``'s. A model
+            that cannot be exported fails here with the reason (the shrunk checkpoint is saved first).
+        latency_modes: Other ways of running the model whose latency (batch ``latency_batch_size``) is
+            measured at the start and at the end of fit too: ``"channels_last"`` (NHWC copy) and
+            ``"compile"`` (``torch.compile`` of a copy; compiling takes seconds to minutes, and a mode that
+            fails is reported as unavailable rather than stopping the run). ``"eager"`` is always measured.
 
     Raises:
-        PruningError: Here, if ``latency_batch_size`` or ``latency_repeats`` < 1 or ``save_path`` is a
-            directory. In ``setup``, if ``save_path`` cannot be written. In ``on_fit_start``, if the model
+        PruningError: Here, if ``latency_batch_size`` or ``latency_repeats`` < 1, ``save_path`` is a
+            directory, a latency mode is unknown, or ``export_path`` ends in ``.onnx`` and the ONNX packages
+            are missing. In ``setup``, if ``save_path`` cannot be written. In ``on_fit_start``, if the model
             cannot be traced for shrinking (e.g. it has no Conv or Linear layer). In ``on_fit_end``, if
             shrinking fails; the message says where the unshrunk weights were saved.
 
@@ -89,6 +96,7 @@ class ShrinkOnFitEnd(Callback):
         latency_repeats: int = 10,
         export_path: str | os.PathLike | None = None,
         channels_last: bool = False,
+        latency_modes: Sequence[str] = ("eager",),
     ) -> None:
         super().__init__()
         owner = "ShrinkOnFitEnd"
@@ -103,6 +111,21 @@ class ShrinkOnFitEnd(Callback):
                     f"`ShrinkOnFitEnd({arg}={str(path)!r})` is invalid: it is a directory; give a file "
                     "path such as 'outputs/shrunk.pt'."
                 )
+        if self.export_path is not None and self.export_path.suffix == ".onnx":
+            missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if find_spec(name) is None]
+            if missing:
+                raise PruningError(
+                    f"`ShrinkOnFitEnd(export_path={str(self.export_path)!r})` needs the packages "
+                    f"{', '.join(missing)} to write and check an ONNX file: `pip install "
+                    "lightning-prune[onnx]`, or give a '.pt2' path for a torch.export program."
+                )
+        texts = isinstance(latency_modes, Sequence) and not isinstance(latency_modes, str)
+        if not texts or any(mode not in LATENCY_MODES for mode in latency_modes):
+            raise invalid(
+                owner, "latency_modes", latency_modes, f"a list of modes from {list(LATENCY_MODES)}"
+            )
+        self.latency_modes = [mode for mode in LATENCY_MODES[1:] if mode in latency_modes]
+        self.unavailable: dict[str, str] = {}  # latency mode -> why it could not be measured
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.report: GainReport | None = None  # at the end of fit
@@ -248,6 +271,17 @@ class ShrinkOnFitEnd(Callback):
         repeats = self.latency_repeats
         small = [1e3 * t for t in latency_samples(pl_module, one, repeats=repeats)]
         large = [1e3 * t for t in latency_samples(pl_module, one, batch_size=big, repeats=repeats)]
+        modes = {}
+        for mode in self.latency_modes:
+            try:
+                model, inputs = in_mode(pl_module, one, mode)
+                times = [1e3 * t for t in latency_samples(model, inputs, batch_size=big, repeats=repeats)]
+            except Exception as err:  # e.g. no C++ compiler for torch.compile: report, do not stop
+                self.unavailable[mode] = (
+                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                )
+                continue
+            modes[mode] = (statistics.median(times), min(times), max(times))
         return Figures(
             params=stats.params,
             nonzero_params=stats.nonzero_params,
@@ -259,6 +293,7 @@ class ShrinkOnFitEnd(Callback):
             latency_batch_range=(min(large), max(large)),
             batch_size=big,
             checkpoint_mb=buffer.getbuffer().nbytes / 2**20,
+            modes=modes,
         )
 
     def table(self) -> Table:
@@ -279,16 +314,27 @@ class ShrinkOnFitEnd(Callback):
             b, a = getattr(r.before, key), getattr(r.after, key)
             table.add_row(label, fmt.format(b), fmt.format(a), f"{a / b:.3f}" if b else "-")
         noisy = []
-        ranges = (("batch 1", "latency_b1_range"), (f"batch {r.after.batch_size}", "latency_batch_range"))
-        for label, key in ranges:
-            (b_lo, b_hi), (a_lo, a_hi) = getattr(r.before, key), getattr(r.after, key)
-            before, after = f"{b_lo:.3f}–{b_hi:.3f}", f"{a_lo:.3f}–{a_hi:.3f}"
-            table.add_row(f"  fastest–slowest, {label}", before, after, "")
+        batch = f"batch {r.after.batch_size}"
+        ranges = [("batch 1", r.before.latency_b1_range, r.after.latency_b1_range)]
+        ranges.append((batch, r.before.latency_batch_range, r.after.latency_batch_range))
+        for mode in self.latency_modes:
+            if mode in r.before.modes and mode in r.after.modes:
+                (b, b_lo, b_hi), (a, a_lo, a_hi) = r.before.modes[mode], r.after.modes[mode]
+                table.add_row(
+                    f"latency, {batch}, {mode} (ms, median)", f"{b:.3f}", f"{a:.3f}", f"{a / b:.3f}"
+                )
+                ranges.append((f"{batch}, {mode}", (b_lo, b_hi), (a_lo, a_hi)))
+        for label, (b_lo, b_hi), (a_lo, a_hi) in ranges:
+            table.add_row(
+                f"  fastest–slowest, {label}", f"{b_lo:.3f}–{b_hi:.3f}", f"{a_lo:.3f}–{a_hi:.3f}", ""
+            )
             if a_lo <= b_hi and b_lo <= a_hi:
                 noisy.append(label)
         table.caption = f"{r.channels_removed} dead channels removed at the end of fit"
         if self.channels_last:
             table.caption += "; end of fit in channels_last memory format"
+        for mode, why in self.unavailable.items():
+            table.caption += f"; {mode} latency not measured ({why})"
         if noisy:
             table.caption += (
                 f"; latency ({', '.join(noisy)}): the start and end ranges overlap, so the difference is "
@@ -335,35 +381,42 @@ _SAFE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.d
 
 
 def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> None:
-    """Write ``module`` as a ``torch.export`` program at ``path``, checked to give the same outputs.
+    """Write ``module`` for deployment at ``path``, checked to give the same outputs.
 
-    The module is exported in eval mode on ``example_inputs``; the exported program must give the module's
-    own outputs (float tolerance) on them, else nothing is written. Load with
-    ``torch.export.load(path).module()``.
+    The module is captured with ``torch.export`` in eval mode on ``example_inputs`` (batch dimension
+    dynamic where the model allows it). A path ending in ``.onnx`` gets that program converted to ONNX
+    (``torch.onnx.export``, run with ONNX Runtime for the check); any other path gets the program itself
+    (load it with ``torch.export.load(path).module()``). The written model must give the module's own
+    outputs (float tolerance) on the example inputs, else nothing is written.
 
     Raises:
-        PruningError: If ``torch.export`` cannot capture the module, or its outputs differ.
+        PruningError: If the module cannot be exported, or the exported model's outputs differ.
     """
     path = Path(path)
+    fmt = "ONNX" if path.suffix == ".onnx" else "torch.export"
     args, kwargs = call_arguments(example_inputs)
     with _eval_mode(module), torch.no_grad():
         expected = flatten_outputs(module(*args, **kwargs))
         try:
             program = _export(module, args, kwargs)
-            got = flatten_outputs(program.module()(*args, **kwargs))
+            if fmt == "ONNX":
+                program = torch.onnx.export(program, args, kwargs=kwargs, dynamo=True, verbose=False)
+                got = flatten_outputs(program(*args, **kwargs))
+            else:
+                got = flatten_outputs(program.module()(*args, **kwargs))
         except Exception as err:
             raise PruningError(
-                f"ShrinkOnFitEnd(export_path={str(path)!r}): torch.export cannot capture "
+                f"ShrinkOnFitEnd(export_path={str(path)!r}): {fmt} cannot export "
                 f"{type(module).__name__}: {type(err).__name__}: {err}"
             ) from err
     if not same_outputs(expected, got):
         raise PruningError(
-            f"ShrinkOnFitEnd(export_path={str(path)!r}): the exported program does not give the outputs of "
+            f"ShrinkOnFitEnd(export_path={str(path)!r}): the {fmt} model does not give the outputs of "
             f"{type(module).__name__}; nothing was written."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.export.save(program, tmp)
+    program.save(tmp) if fmt == "ONNX" else torch.export.save(program, tmp)
     os.replace(tmp, path)
 
 

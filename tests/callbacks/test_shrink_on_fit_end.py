@@ -12,6 +12,14 @@ from tests.helpers.modules import TinyModule, trainer
     [
         ({"latency_batch_size": 0}, r"`ShrinkOnFitEnd\(latency_batch_size=0\)` is invalid"),
         ({"latency_repeats": 1.5}, r"`latency_repeats` must be an int >= 1; got 1.5"),
+        (
+            {"latency_modes": "compile"},
+            r"`latency_modes` must be a list of modes from \['eager', 'channels_last'",
+        ),
+        (
+            {"latency_modes": ["eager", "jit"]},
+            r"ShrinkOnFitEnd\(latency_modes=\['eager', 'jit'\]\)` is invalid",
+        ),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):
@@ -134,7 +142,7 @@ def test_a_model_torch_export_cannot_capture_fails_after_the_checkpoint_is_saved
     pl.seed_everything(0)
     module = DataDependent()
     shrinker = ShrinkOnFitEnd(save_path=tmp_path / "small.pt", export_path=tmp_path / "small.pt2")
-    with pytest.raises(PruningError, match=r"export_path=.*torch.export cannot capture DataDependent"):
+    with pytest.raises(PruningError, match=r"export_path=.*torch.export cannot export DataDependent"):
         trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
     assert (tmp_path / "small.pt").exists() and not (tmp_path / "small.pt2").exists()
 
@@ -153,3 +161,76 @@ def test_channels_last_converts_the_shrunk_model_and_keeps_its_function(tmp_path
     torch.testing.assert_close(loaded.eval()(x), module(x))
     with pytest.raises(PruningError, match=r"`channels_last` must be a bool"):
         ShrinkOnFitEnd(channels_last="yes")
+
+
+def test_the_shrunk_model_is_exported_to_onnx_and_checked_with_onnx_runtime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pl.seed_everything(0)
+    module = TinyModule(arch="resnet")
+    shrinker = ShrinkOnFitEnd(export_path=tmp_path / "small.onnx", latency_repeats=1)
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    session = ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 8, 8)  # another batch size than the example's: the batch dimension is dynamic
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    module.eval()
+    torch.testing.assert_close(torch.from_numpy(got), module(x), rtol=1e-4, atol=1e-5)
+    assert shrinker.report.after.params < shrinker.report.before.params
+
+
+def test_onnx_export_without_the_onnx_packages_is_refused_at_construction(monkeypatch, tmp_path):
+    import lightning_prune.callbacks.shrink as shrink_module
+
+    monkeypatch.setattr(shrink_module, "find_spec", lambda name: None if name == "onnxruntime" else object())
+    with pytest.raises(PruningError, match=r"needs the packages onnxruntime .* lightning-prune\[onnx\]"):
+        ShrinkOnFitEnd(export_path=tmp_path / "m.onnx")
+    ShrinkOnFitEnd(export_path=tmp_path / "m.pt2")  # torch.export needs nothing more
+
+
+def test_latency_is_also_measured_channels_last_and_a_failing_mode_is_reported(tmp_path, monkeypatch):
+    import lightning_prune.callbacks.shrink as shrink_module
+
+    real = shrink_module.in_mode
+
+    def no_compiler(model, inputs, mode):  # as on a machine where torch.compile cannot build kernels
+        if mode == "compile":
+            raise RuntimeError("no C++ compiler found")
+        return real(model, inputs, mode)
+
+    monkeypatch.setattr(shrink_module, "in_mode", no_compiler)
+    pl.seed_everything(0)
+    module = TinyModule()
+    shrinker = ShrinkOnFitEnd(
+        latency_repeats=3, latency_batch_size=4, latency_modes=["compile", "channels_last"]
+    )
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    r = shrinker.report
+    for figures in (r.before, r.after):
+        assert set(figures.modes) == {"channels_last"}
+        median, lo, hi = figures.modes["channels_last"]
+        assert 0 < lo <= median <= hi
+    assert not module.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)  # a copy ran
+    assert r.metrics()["shrink/latency_b4_channels_last_ms_after"] == r.after.modes["channels_last"][0]
+    labels = str(shrinker.table().columns[0]._cells)
+    assert "latency, batch 4, channels_last (ms, median)" in labels and "compile (ms" not in labels
+    assert "compile latency not measured (RuntimeError: no C++ compiler found)" in shrinker.table().caption
+    from lightning_prune.callbacks.reports import Figures
+
+    assert Figures.from_short(r.after.short(), 4) == r.after  # resumable with the mode figures
+
+
+def test_in_mode_compile_runs_the_same_function():
+    from lightning_prune.stats import in_mode
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    net(x)
+    compiled, inputs = in_mode(net, x, "compile")
+    try:
+        got = compiled(inputs)
+    except Exception as err:  # a machine without a working compiler toolchain
+        pytest.skip(f"torch.compile unavailable here: {type(err).__name__}")
+    torch.testing.assert_close(got, net(x))
+    with pytest.raises(PruningError, match=r"`mode` must be one of \['eager', 'channels_last', 'compile'\]"):
+        in_mode(net, x, "tensorrt")
