@@ -6,6 +6,8 @@ initialised torchvision model (seed 0, eval mode) are built and timed:
 - *dense*: the model as built;
 - *ours* / *ours r8*: :func:`lightning_prune.prune_channels` (L1-norm scores, one global ranking over the
   channel groups, ``amount`` of the nodes removed) without rounding / with ``round_to=8``;
+- *ours r8 lat*: the same with ``latency_aware=True``: rounded counts moved to the fast side of latency
+  steps measured layer by layer on this machine (batch 1);
 - *TP* / *TP r8*: Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)``, global pruning,
   ``pruning_ratio=amount``, the classifier ignored, without / with ``round_to=8``.
 
@@ -47,8 +49,10 @@ def build(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=1000).eval()
 
 
-def ours(model: nn.Module, x: torch.Tensor, amount: float, round_to: int) -> nn.Module:
-    prune_channels(model, x, amount, round_to=round_to)
+def ours(
+    model: nn.Module, x: torch.Tensor, amount: float, round_to: int, latency_aware: bool = False
+) -> nn.Module:
+    prune_channels(model, x, amount, round_to=round_to, latency_aware=latency_aware)
     return model
 
 
@@ -87,6 +91,7 @@ def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list
         "dense": build(name),
         "ours": ours(build(name), x, amount, 1),
         "ours r8": ours(build(name), x, amount, 8),
+        "ours r8 lat": ours(build(name), x, amount, 8, latency_aware=True),
         "TP": torch_pruning(build(name), x, amount, None),
         "TP r8": torch_pruning(build(name), x, amount, 8),
     }

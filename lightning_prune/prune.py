@@ -9,12 +9,19 @@ import torch
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs
-from lightning_prune._validate import fraction
+from lightning_prune._validate import boolean, fraction
 from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.criteria import ScoringInputs, get_criterion
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import ModelStats, stats_and_outputs
-from lightning_prune.structure import ChannelGraph, Removal, channel_multiple, lowest_channels, node_weights
+from lightning_prune.structure import (
+    ChannelGraph,
+    Removal,
+    channel_multiple,
+    latency_aware_kept,
+    lowest_channels,
+    node_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ def prune_channels(
     scores: str | Mapping[str, torch.Tensor] = "l1_norm",
     round_to: int | str = 1,
     frozen: Sequence[str] = (),
+    latency_aware: bool = False,
 ) -> PruneResult:
     """Remove the lowest-scoring ``amount`` of a model's channels in one global ranking, in place.
 
@@ -66,6 +74,11 @@ def prune_channels(
         round_to: Channel multiple of every group cut (an int >= 1), or ``"auto"`` for the model's device
             and dtype (:func:`~lightning_prune.structure.auto_round_to`).
         frozen: Layers whose output channels must be kept.
+        latency_aware: After rounding, time the layers each cut touches at a few counts around the plan
+            (on the model's device and dtype, with the example inputs' shapes) and move counts to the fast
+            side of latency steps, trading units between groups so that the nodes kept stay within one
+            unit of the plan's (:func:`~lightning_prune.structure.latency_aware_kept`). Costs a few
+            seconds of timing.
 
     Returns:
         The :class:`PruneResult`.
@@ -112,6 +125,8 @@ def prune_channels(
     scores = {n: v.detach().float().cpu() for n, v in scores.items()}
     multiple = channel_multiple(model, rounding)
     plan = lowest_channels(graph, scores, amount, multiple)
+    if boolean(owner, "latency_aware", latency_aware):
+        plan = latency_aware_kept(graph, scores, plan, multiple, example_inputs)
     by_name = {g.name: g for g in groups}
     measured: list[ModelStats] = []
 

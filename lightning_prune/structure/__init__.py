@@ -13,6 +13,7 @@ The package is laid out along what it does:
   with the corrections for the operations it misreads, its time budget and its errors;
 - ``graph``: :class:`ChannelGraph`, the groups and their transactional, verified surgery;
 - ``plan``: which channels go (global ranking, node weights), pure functions;
+- ``latency``: channel counts moved to the fast side of measured latency steps;
 - ``shrink``: :func:`shrink` and its :class:`ShrinkReport`.
 
 Examples:
@@ -29,6 +30,7 @@ Examples:
 """
 
 from lightning_prune.structure.graph import DEFAULT_TIME_BUDGET, ChannelGraph, prune_or_refuse
+from lightning_prune.structure.latency import latency_aware_kept
 from lightning_prune.structure.layers import ROOT_TYPES, select_layers
 from lightning_prune.structure.plan import (
     auto_round_to,
@@ -50,6 +52,7 @@ __all__ = [
     "ShrinkReport",
     "auto_round_to",
     "channel_multiple",
+    "latency_aware_kept",
     "lowest_channels",
     "node_weights",
     "prune_or_refuse",
