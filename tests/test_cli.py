@@ -10,7 +10,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_prune.cli as cli_module
-from lightning_prune import ShrinkOnFitEnd, SNAPit, SNIPCallback, load_pruned_checkpoint
+from lightning_prune import PruningError, ShrinkOnFitEnd, SNAPit, SNIPCallback, load_pruned_checkpoint
 from lightning_prune.cli import main
 from lightning_prune.examples import DigitsClassifier
 
@@ -36,12 +36,12 @@ def captured(monkeypatch) -> list[LightningCLI]:
     """The LightningCLI instances `main` builds (main returns None, as a console script must)."""
     instances: list[LightningCLI] = []
 
-    class Recording(LightningCLI):
+    class Recording(cli_module._PruneCLI):
         def __init__(self, *args, **kwargs) -> None:
             instances.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(cli_module, "LightningCLI", Recording)
+    monkeypatch.setattr(cli_module, "_PruneCLI", Recording)
     return instances
 
 
@@ -73,6 +73,60 @@ def test_help_exits_zero(capsys):
     out = capsys.readouterr().out
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in out
+
+
+def public_callbacks() -> list[str]:
+    import lightning.pytorch as pl
+
+    import lightning_prune
+
+    return [
+        name
+        for name in lightning_prune.__all__
+        if isinstance(getattr(lightning_prune, name), type)
+        and issubclass(getattr(lightning_prune, name), pl.Callback)
+    ]
+
+
+def test_help_introduces_the_tool_and_lists_what_is_in_the_box(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Prune a PyTorch Lightning model" in out
+    assert "lightning-prune list" in out
+    assert len(public_callbacks()) >= 7
+    for name in public_callbacks():
+        assert f"lightning_prune.{name} " in out
+    for name in ("DigitsClassifier", "DigitsDataModule", "ImageClassifier", "CIFAR10DataModule"):
+        assert f"lightning_prune.examples.{name} " in out
+
+
+def test_list_follows_the_public_api(capsys, monkeypatch):
+    import lightning.pytorch as pl
+
+    import lightning_prune
+
+    class BrandNewPruner(pl.Callback):
+        """A callback another change adds to the public API."""
+
+    monkeypatch.setattr(lightning_prune, "BrandNewPruner", BrandNewPruner, raising=False)
+    monkeypatch.setattr(lightning_prune, "__all__", [*lightning_prune.__all__, "BrandNewPruner"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(
+        line.split() == ["lightning_prune.BrandNewPruner", "A", "callback", "another", *line.split()[4:]]
+        for line in lines
+    )
+    assert not any("lightning_prune.PruneResult" in line for line in lines)  # not a callback
+
+
+def test_model_help_lists_the_example_modules(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert "lightning_prune.examples.DigitsClassifier" in capsys.readouterr().out
 
 
 def test_fit_help_lists_the_trainer_callbacks_option(capsys):
@@ -137,17 +191,42 @@ def test_wrongly_typed_callback_argument_is_a_usage_error(in_tmp, capsys):
     assert "limit" in capsys.readouterr().err
 
 
-def test_out_of_range_callback_argument_names_the_argument(in_tmp):
+def test_out_of_range_callback_argument_is_a_short_error_with_its_config_key(in_tmp, capsys):
+    bad = write_config(
+        in_tmp / "bad.yaml",
+        lambda c: pruning_callback_args(c, "SNIPCallback").update(limit=70),
+    )
+    # the callback's own PruningError, raised while the config is instantiated, before any data is loaded
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(bad), *FAST])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "`SNIPCallback(limit=70.0)` is invalid: `limit` must be in [0, 1); got 70.0." in err
+    assert "config key: trainer.callbacks[2].init_args.limit" in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 3
+
+
+def test_debug_flag_raises_the_configuration_error_with_its_traceback(in_tmp):
     bad = write_config(
         in_tmp / "bad.yaml",
         lambda c: pruning_callback_args(c, "SNIPCallback").update(limit=1.5),
     )
-    # the callback's own PruningError, raised while the config is instantiated (jsonargparse may wrap
-    # it in a ValueError that quotes it), before any data is loaded or any step runs
+    # jsonargparse may wrap the PruningError in a ValueError that quotes it
     with pytest.raises(
         ValueError, match=r"`SNIPCallback\(limit=1.5\)` is invalid: `limit` must be in \[0, 1\)"
     ):
-        main(["fit", "--config", str(bad), *FAST])
+        main(["fit", "--config", str(bad), *FAST, "--debug"])
+
+
+def test_setup_error_is_short(in_tmp, capsys):
+    # SNAP-it prunes 5 times up to the end of epoch 12: a 3-epoch budget is refused in setup
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG.with_name("digits_snapit.yaml")), "--trainer.max_epochs=3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the trainer stops after max_epochs=3" in err
+    assert "Traceback" not in err
 
 
 SNAPIT = CONFIG.with_name("digits_snapit.yaml")
@@ -170,3 +249,57 @@ def test_snapit_during_config_shrinks_at_each_event(in_tmp, captured):
     assert sum(p.numel() for p in cli.model.parameters()) < 0.2 * dense
     loaded = load_pruned_checkpoint(DigitsClassifier, in_tmp / "outputs" / "digits_snapit" / "shrunk.pt")
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in cli.model.parameters())
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_auto_threads_pick_one_for_tiny_models_unless_omp_num_threads_is_set(restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert cli_module.pick_num_threads("auto", torch.nn.Linear(10, 10)) == 1
+    torch.set_num_threads(2)
+    big = torch.nn.Linear(1000, cli_module.TINY_MODEL_PARAMS // 1000)  # just over the limit with the bias
+    assert cli_module.pick_num_threads("auto", big) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli_module.pick_num_threads("auto", torch.nn.Linear(10, 10)) == 2
+    assert cli_module.pick_num_threads(3, None) == 3
+    assert cli_module.pick_num_threads(None, torch.nn.Linear(10, 10)) == 3
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "many"])
+def test_invalid_num_threads_names_the_option(bad, restore_threads):
+    with pytest.raises(PruningError, match=r"`num_threads` must be an int >= 1, 'auto' or null; got "):
+        cli_module.pick_num_threads(bad, None)
+
+
+def test_num_threads_option_sets_torch_threads(in_tmp, restore_threads, caplog):
+    torch.set_num_threads(2)
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(CONFIG), *FAST, "--num_threads=1"])
+    assert torch.get_num_threads() == 1
+    assert "lightning-prune: 1 CPU thread(s) (num_threads=1)." in caplog.text
+
+
+def test_zero_threads_is_a_short_error(in_tmp, restore_threads, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIG), *FAST, "--num_threads=0"])
+    assert exit_info.value.code == 2
+    assert "`num_threads` must be an int >= 1, 'auto' or null; got 0" in capsys.readouterr().err
+
+
+def test_same_seed_and_threads_give_the_same_model(in_tmp, captured, restore_threads):
+    # SNIP scores, the pruned architecture, 8 training steps: bitwise equal for one seed and thread count
+    run = ["fit", "--config", str(CONFIG), "--trainer.logger=false", "--trainer.max_steps=8"]
+    run += ["--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", "--num_threads=1"]
+    main(run)
+    main(run)
+    first, second = (cli.model.state_dict() for cli in captured)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
+    assert sum(p.numel() for p in captured[0].model.parameters()) < 20_000  # pruned
