@@ -40,6 +40,7 @@ def docs(session: nox.Session) -> None:
     session.install("mkdocs-material>=9.5", "mkdocstrings[python]>=0.26")
     env = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material prints an end-of-life banner otherwise
     session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs, env=env)
+    session.run("python", "docs/check_site.py", "site")  # no raw :func: roles, no Lightning hooks in the API
 
 
 @nox.session(python=PYTHON)

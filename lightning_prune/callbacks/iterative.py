@@ -208,7 +208,7 @@ class IterativeSNIPCallback(PruningCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Also check that every pruning event fits into ``max_epochs``."""
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.step < len(self.schedule):
+        if stage == "fit" and self.steps > 0 and self.step < len(self.schedule):
             when = "at the start of fit" if self.when == "before" else f"ending epochs {self.event_epochs()}"
             targets = [round(p, 3) for p in self.schedule]
             rank_zero_info(
