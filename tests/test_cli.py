@@ -15,6 +15,7 @@ from lightning_prune.cli import main
 from lightning_prune.examples import DigitsClassifier
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "digits_snip.yaml"
+SNAPIT = CONFIG.with_name("digits_snapit.yaml")
 FAST = ["--trainer.fast_dev_run=true", "--trainer.logger=false"]
 
 
@@ -169,38 +170,36 @@ def test_print_config_resolves_every_class(in_tmp, capsys):
     assert pruning_callback_args(resolved, "SNIPCallback")["limit"] == 0.7
 
 
-def test_unknown_callback_argument_is_a_usage_error(in_tmp, capsys):
-    bad = write_config(
-        in_tmp / "bad.yaml",
-        lambda c: pruning_callback_args(c, "SNIPCallback").update(limmit=0.5),
+def snip_config(folder: Path, **init_args) -> Path:
+    """The main job's config with SNIPCallback's arguments updated."""
+    return write_config(
+        folder / "bad.yaml", lambda c: pruning_callback_args(c, "SNIPCallback").update(init_args)
     )
+
+
+def failing(capsys, args: list[str]) -> tuple[int, str]:
+    """The exit status and the stderr of a command that must fail."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(bad), *FAST])
-    assert exit_info.value.code != 0
-    assert "limmit" in capsys.readouterr().err
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_unknown_callback_argument_is_a_usage_error(in_tmp, capsys):
+    code, err = failing(capsys, ["fit", "--config", str(snip_config(in_tmp, limmit=0.5)), *FAST])
+    assert code != 0
+    assert "limmit" in err
 
 
 def test_wrongly_typed_callback_argument_is_a_usage_error(in_tmp, capsys):
-    bad = write_config(
-        in_tmp / "bad.yaml",
-        lambda c: pruning_callback_args(c, "SNIPCallback").update(limit="most"),
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(bad), *FAST])
-    assert exit_info.value.code != 0
-    assert "limit" in capsys.readouterr().err
+    code, err = failing(capsys, ["fit", "--config", str(snip_config(in_tmp, limit="most")), *FAST])
+    assert code != 0
+    assert "limit" in err
 
 
 def test_out_of_range_callback_argument_is_a_short_error_with_its_config_key(in_tmp, capsys):
-    bad = write_config(
-        in_tmp / "bad.yaml",
-        lambda c: pruning_callback_args(c, "SNIPCallback").update(limit=70),
-    )
     # the callback's own PruningError, raised while the config is instantiated, before any data is loaded
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(bad), *FAST])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    code, err = failing(capsys, ["fit", "--config", str(snip_config(in_tmp, limit=70)), *FAST])
+    assert code == 2
     assert "`SNIPCallback(limit=70.0)` is invalid: `limit` must be in [0, 1); got 70.0." in err
     assert "config key: trainer.callbacks[2].init_args.limit" in err
     assert "Traceback" not in err
@@ -208,10 +207,7 @@ def test_out_of_range_callback_argument_is_a_short_error_with_its_config_key(in_
 
 
 def test_debug_flag_raises_the_configuration_error_with_its_traceback(in_tmp):
-    bad = write_config(
-        in_tmp / "bad.yaml",
-        lambda c: pruning_callback_args(c, "SNIPCallback").update(limit=1.5),
-    )
+    bad = snip_config(in_tmp, limit=1.5)
     # jsonargparse may wrap the PruningError in a ValueError that quotes it
     with pytest.raises(
         ValueError, match=r"`SNIPCallback\(limit=1.5\)` is invalid: `limit` must be in \[0, 1\)"
@@ -221,15 +217,10 @@ def test_debug_flag_raises_the_configuration_error_with_its_traceback(in_tmp):
 
 def test_setup_error_is_short(in_tmp, capsys):
     # SNAP-it prunes 5 times up to the end of epoch 12: a 3-epoch budget is refused in setup
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIG.with_name("digits_snapit.yaml")), "--trainer.max_epochs=3"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    code, err = failing(capsys, ["fit", "--config", str(SNAPIT), "--trainer.max_epochs=3"])
+    assert code == 2
     assert "the trainer stops after max_epochs=3" in err
     assert "Traceback" not in err
-
-
-SNAPIT = CONFIG.with_name("digits_snapit.yaml")
 
 
 def test_snapit_during_config_smoke_runs(in_tmp, captured):
@@ -286,10 +277,9 @@ def test_num_threads_option_sets_torch_threads(in_tmp, restore_threads, caplog):
 
 
 def test_zero_threads_is_a_short_error(in_tmp, restore_threads, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(CONFIG), *FAST, "--num_threads=0"])
-    assert exit_info.value.code == 2
-    assert "`num_threads` must be an int >= 1, 'auto' or null; got 0" in capsys.readouterr().err
+    code, err = failing(capsys, ["fit", "--config", str(CONFIG), *FAST, "--num_threads=0"])
+    assert code == 2
+    assert "`num_threads` must be an int >= 1, 'auto' or null; got 0" in err
 
 
 def test_same_seed_and_threads_give_the_same_model(in_tmp, captured, restore_threads):
