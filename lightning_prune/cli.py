@@ -2,7 +2,7 @@
 
 Any :class:`~lightning.pytorch.LightningModule` and
 :class:`~lightning.pytorch.LightningDataModule` can be given by ``class_path``; the pruning callbacks
-are ordinary trainer callbacks, so one config file describes the whole prune-train-shrink job::
+are ordinary trainer callbacks, so one config file describes the whole prune-train-shrink job:
 
     # examples/digits_snip.yaml (abridged)
     model:
@@ -17,7 +17,7 @@ are ordinary trainer callbacks, so one config file describes the whole prune-tra
         - class_path: lightning_prune.ShrinkOnFitEnd
           init_args: {save_path: outputs/digits/shrunk.pt}
 
-Run it with::
+Run it with:
 
     lightning-prune fit --config examples/digits_snip.yaml
     lightning-prune fit --config examples/digits_snip.yaml --trainer.max_epochs=3   # override one value
