@@ -194,6 +194,11 @@ def _pruning_error(err: BaseException | None) -> PruningError | None:
     return None
 
 
+def _missing_extra(err: BaseException) -> bool:
+    """Whether ``err`` is our message that an optional dependency is missing (``pip install ...``)."""
+    return isinstance(err, ModuleNotFoundError) and "pip install lightning-prune[" in str(err)
+
+
 def _config_key(config: Any, message: str) -> str | None:
     """The config key of the class named at the start of ``message`` (`` `Owner(arg=...)` ``), if found."""
     if not message.startswith("`") or "(" not in message:
@@ -227,8 +232,9 @@ def main(args: ArgsType = None) -> None:
 
     Raises:
         SystemExit: After ``--help`` or ``list``; with status 2 when a configuration is invalid: a bad
-            option or config file (the message names it), or a :class:`~lightning_prune.PruningError`
-            (its message and config key are printed; ``--debug`` raises it with the traceback instead).
+            option or config file (the message names it), a :class:`~lightning_prune.PruningError`
+            (its message and config key are printed; ``--debug`` raises it with the traceback instead),
+            or an example that needs an extra that is not installed (e.g. scikit-learn).
 
     Examples:
         Run one fast development batch of the digits job from Python::
@@ -261,11 +267,13 @@ def main(args: ArgsType = None) -> None:
             args=args,
         )
     except Exception as err:
-        cause = _pruning_error(err)
+        cause = _pruning_error(err) or (err if _missing_extra(err) else None)
         if cause is None or debug:
             raise
         key = getattr(cause, "config_key", None)
         where = f"\n  config key: {key}" if key else ""
+        if isinstance(cause, ModuleNotFoundError):
+            where = "\n  (not published yet? from a clone of the repository: pip install '.[examples]')"
         print(
             f"lightning-prune: error: {cause}{where}\n  (rerun with {DEBUG_FLAG} for the traceback)",
             file=sys.stderr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,13 @@ def test_same_seed_and_threads_give_the_same_model(in_tmp, captured, restore_thr
     for name in first:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=0)
     assert sum(p.numel() for p in captured[0].model.parameters()) < 20_000  # pruned
+
+
+def test_missing_example_extra_is_a_short_error(in_tmp, capsys, monkeypatch):
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
+    code, err = failing(capsys, ["fit", "--config", str(CONFIG), *FAST])
+    assert code == 2
+    assert "The digits example needs scikit-learn" in err
+    assert "pip install '.[examples]'" in err
+    assert "Traceback" not in err
