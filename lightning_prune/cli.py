@@ -56,6 +56,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_prune
+from lightning_prune._validate import invalid
 from lightning_prune.errors import PruningError
 
 __all__ = ["TINY_MODEL_PARAMS", "catalogue", "main", "pick_num_threads"]
@@ -145,10 +146,7 @@ def pick_num_threads(setting: int | str | None, model: torch.nn.Module | None) -
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
         torch.set_num_threads(setting)
     elif setting is not None:
-        raise PruningError(
-            f"`lightning-prune --num_threads={setting!r}` is invalid: `num_threads` must be an int >= 1, "
-            f"'auto' or null; got {setting!r}."
-        )
+        raise invalid("lightning-prune", "num_threads", setting, "an int >= 1, 'auto' or null")
     return torch.get_num_threads()
 
 
