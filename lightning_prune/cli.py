@@ -39,7 +39,8 @@ Two options of its own:
   sums, and so the numbers a long run ends at.
 - ``--debug``: show the full traceback of a configuration mistake. Without it, a
   :class:`~lightning_prune.PruningError` (an invalid argument, a callback that does not fit the model or
-  trainer) prints its message and the config key it comes from, and the command exits with status 2.
+  trainer) prints its message and the config key it comes from, and the command exits with status 2;
+  so do Lightning's ``MisconfigurationException`` and a missing optional dependency of an example.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -232,7 +234,8 @@ def main(args: ArgsType = None) -> None:
         SystemExit: After ``--help`` or ``list``; with status 2 when a configuration is invalid: a bad
             option or config file (the message names it), a :class:`~lightning_prune.PruningError`
             (its message and config key are printed; ``--debug`` raises it with the traceback instead),
-            or an example that needs an extra that is not installed (e.g. scikit-learn).
+            Lightning's ``MisconfigurationException`` (trainer arguments that contradict each other), or
+            an example that needs an extra that is not installed (e.g. scikit-learn).
 
     Examples:
         Run one fast development batch of the digits job from Python::
@@ -265,7 +268,8 @@ def main(args: ArgsType = None) -> None:
             args=args,
         )
     except Exception as err:
-        cause = _pruning_error(err) or (err if _missing_extra(err) else None)
+        short = _missing_extra(err) or isinstance(err, MisconfigurationException)
+        cause = _pruning_error(err) or (err if short else None)
         if cause is None or debug:
             raise
         key = getattr(cause, "config_key", None)

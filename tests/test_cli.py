@@ -304,3 +304,12 @@ def test_missing_example_extra_is_a_short_error(in_tmp, capsys, monkeypatch):
     assert "The digits example needs scikit-learn" in err
     assert "pip install '.[examples]'" in err
     assert "Traceback" not in err
+
+
+def test_lightning_misconfiguration_is_a_short_error(in_tmp, capsys):
+    # the config lists RichProgressBar: Lightning refuses enable_progress_bar=false when the trainer is built
+    no_bar = "--trainer.enable_progress_bar=false"
+    code, err = failing(capsys, ["fit", "--config", str(CONFIG), *FAST, no_bar])
+    assert code == 2
+    assert "found `RichProgressBar` in callbacks list" in err
+    assert "Traceback" not in err
