@@ -125,7 +125,7 @@ def pick_num_threads(setting: int | str | None, model: torch.nn.Module | None) -
 
     Args:
         setting: An int >= 1: that many threads. ``None``: torch's default, untouched. ``"auto"``: keep
-            ``OMP_NUM_THREADS`` if it is set; otherwise 1 thread when ``model`` has fewer than
+            ``OMP_NUM_THREADS`` if it is set (not empty); otherwise 1 thread when ``model`` has fewer than
             :data:`TINY_MODEL_PARAMS` parameters, else torch's default.
         model: The model to be trained (``None``: no size known, torch's default).
 
@@ -143,7 +143,11 @@ def pick_num_threads(setting: int | str | None, model: torch.nn.Module | None) -
     """
     if setting == "auto":
         params = sum(p.numel() for p in model.parameters()) if model is not None else None
-        if "OMP_NUM_THREADS" not in os.environ and params is not None and params < TINY_MODEL_PARAMS:
+        if (
+            not os.environ.get("OMP_NUM_THREADS", "").strip()
+            and params is not None
+            and params < TINY_MODEL_PARAMS
+        ):
             torch.set_num_threads(1)
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
         torch.set_num_threads(setting)

@@ -251,9 +251,10 @@ def restore_threads():
 
 
 def test_auto_threads_pick_one_for_tiny_models_unless_omp_num_threads_is_set(restore_threads, monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # set but empty: as if unset
     torch.set_num_threads(2)
     assert cli_module.pick_num_threads("auto", torch.nn.Linear(10, 10)) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
     torch.set_num_threads(2)
     big = torch.nn.Linear(1000, cli_module.TINY_MODEL_PARAMS // 1000)  # just over the limit with the bias
     assert cli_module.pick_num_threads("auto", big) == 2
