@@ -142,12 +142,8 @@ def pick_num_threads(setting: int | str | None, model: torch.nn.Module | None) -
         True
     """
     if setting == "auto":
-        params = sum(p.numel() for p in model.parameters()) if model is not None else None
-        if (
-            not os.environ.get("OMP_NUM_THREADS", "").strip()
-            and params is not None
-            and params < TINY_MODEL_PARAMS
-        ):
+        tiny = model is not None and sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS
+        if tiny and not os.environ.get("OMP_NUM_THREADS", "").strip():
             torch.set_num_threads(1)
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:
         torch.set_num_threads(setting)
