@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_prune._inputs import check_module
+from lightning_prune._validate import boolean
 from lightning_prune.errors import PruningError
 from lightning_prune.structure.attention import sync_head_counts
 from lightning_prune.structure.layers import RESIZABLE, Shapes, Unresizable, resize_handler
@@ -170,7 +171,12 @@ def resize_to_state_dict(model: _M, state_dict: Mapping[str, Any]) -> _M:
 
 
 def load_pruned_checkpoint(
-    module_class: type[_L], checkpoint_path: str | os.PathLike, map_location: Any = "cpu", **overrides: Any
+    module_class: type[_L],
+    checkpoint_path: str | os.PathLike,
+    map_location: Any = "cpu",
+    *,
+    train: bool = False,
+    **overrides: Any,
 ) -> _L:
     """Build ``module_class`` from a (shrunk) checkpoint's hyperparameters and load its shrunk weights.
 
@@ -183,10 +189,13 @@ def load_pruned_checkpoint(
         module_class: The LightningModule class (the same that was trained).
         checkpoint_path: The checkpoint file.
         map_location: Passed to :func:`torch.load`.
+        train: Return the module in training mode, to fine-tune it with ``Trainer.fit``. The default,
+            eval mode, is for inference; fitting an eval-mode module keeps dropout off and BatchNorm on its
+            running statistics (Lightning warns "Found N module(s) in eval mode at the start of training").
         **overrides: Constructor arguments replacing the saved hyperparameters.
 
     Returns:
-        The module, resized and loaded, in eval mode.
+        The module, resized and loaded, in eval mode (``train=False``) or training mode (``train=True``).
 
     Raises:
         PruningError: If ``torch.load`` cannot read the file (truncated, corrupted, or holding objects that
@@ -195,6 +204,7 @@ def load_pruned_checkpoint(
         FileNotFoundError: If there is no file at ``checkpoint_path`` (likewise ``IsADirectoryError``,
             ``PermissionError``).
     """
+    train = boolean("load_pruned_checkpoint", "train", train)
     call = f"`load_pruned_checkpoint(checkpoint_path={str(checkpoint_path)!r})`"
     try:
         checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
@@ -216,7 +226,7 @@ def load_pruned_checkpoint(
     hparams = {**_constructor_arguments(module_class, checkpoint.get("hyper_parameters", {})), **overrides}
     module = module_class(**hparams)
     load_pruned_state_dict(module, checkpoint["state_dict"])
-    return module.eval()
+    return module.train(train)
 
 
 def _constructor_arguments(module_class: type, hparams: Mapping[str, Any]) -> dict[str, Any]:

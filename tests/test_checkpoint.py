@@ -648,3 +648,28 @@ def test_a_tensor_that_would_grow_without_values_is_refused():
     with pytest.raises(PruningError, match=r"1\.running_var would grow to \(8,\) .* has no values for it"):
         load_pruned_state_dict(small, state_dict, strict=False)
     assert_unchanged(small, before)
+
+
+# -- load_pruned_checkpoint: inference by default, train=True to fine-tune ----------------------------------
+def test_load_pruned_checkpoint_is_in_eval_mode_unless_train_is_asked(tmp_path, recwarn):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_prune import load_pruned_checkpoint
+    from lightning_prune.examples import DigitsClassifier
+
+    module = DigitsClassifier(width=8)
+    path = tmp_path / "digits.pt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+
+    loaded = load_pruned_checkpoint(DigitsClassifier, path)
+    assert not any(m.training for m in loaded.modules())
+    tuned = load_pruned_checkpoint(DigitsClassifier, path, train=True)
+    assert all(m.training for m in tuned.modules())
+    with pytest.raises(PruningError, match=r"`load_pruned_checkpoint\(train='yes'\)` is invalid"):
+        load_pruned_checkpoint(DigitsClassifier, path, train="yes")
+
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=4)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(tuned, train_dataloaders=data)
+    assert not [w for w in recwarn if "in eval mode" in str(w.message)]
+    assert tuned.model[1].num_batches_tracked == 2  # BatchNorm trained on batch statistics

@@ -26,12 +26,12 @@ def plain_argv(monkeypatch, tmp_path):
 def captured(monkeypatch):
     instances = []
 
-    class Recording(cli_module.LightningCLI):
+    class Recording(cli_module._PruneCLI):
         def __init__(self, *args, **kwargs):
             instances.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(cli_module, "LightningCLI", Recording)
+    monkeypatch.setattr(cli_module, "_PruneCLI", Recording)
     return instances
 
 

@@ -65,7 +65,10 @@ class IterativeSNIPCallback(PruningCallback):
     Args:
         limit: Final fraction removed: of selected weights (unstructured) or of nodes (structured).
         structured: Remove whole channels/neurons (physically) instead of single weights.
-        steps: ``S`` of the paper (>= 0); the schedule has up to ``S + 2`` steps.
+        steps: ``S`` of the paper's algorithm and the seed's ``--snip_steps`` (>= 0): how many times the
+            distance to ``limit`` is halved after ``start``. It is not the number of pruning steps: the
+            schedule is ``p_0 … p_S`` then ``limit``, so ``steps=5`` prunes 7 times (``len(schedule)``;
+            fewer when ``start`` is not below ``limit``), as the seed does. Setup logs the count.
         start: Cumulative sparsity of the first step, in [0, 1) (the paper: 0.5).
         when: ``"before"`` or ``"during"`` training.
         prune_delay: Epochs before the first pruning event (``when="during"``).
@@ -205,6 +208,13 @@ class IterativeSNIPCallback(PruningCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Also check that every pruning event fits into ``max_epochs``."""
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.steps > 0 and self.step < len(self.schedule):
+            when = "at the start of fit" if self.when == "before" else f"ending epochs {self.event_epochs()}"
+            targets = [round(p, 3) for p in self.schedule]
+            rank_zero_info(
+                f"{type(self).__name__}: {len(self.schedule)} pruning steps {when}, to sparsities {targets} "
+                f"(steps={self.steps} is the paper's S: p_0 … p_S, then limit)."
+            )
         last = self.event_epochs()[-1]
         max_epochs = trainer.max_epochs
         if (

@@ -140,6 +140,18 @@ def test_steps_before_training_score_on_consecutive_batches(tmp_path):
     assert seen[:8] == [firsts[i] for i in (0, 1, 2, 3, 0, 1, 2, 3)]
 
 
+def test_steps_is_the_papers_s_and_setup_logs_the_number_of_pruning_steps(tmp_path, caplog):
+    """The seed's --snip_steps 5 prunes 7 times (p_0 … p_5, then limit); setup says so before training."""
+    cb = Recording(limit=0.98, steps=5, num_batches=1)
+    with caplog.at_level("INFO"):
+        trainer(tmp_path, [cb], max_steps=1).fit(TinyModule())
+    assert len(cb.history) == len(cb.schedule) == cb.steps + 2 == 7
+    assert (
+        "Recording: 7 pruning steps at the start of fit, to sparsities [0.5, 0.74, 0.86, 0.92, 0.95, 0.965, "
+        "0.98] (steps=5 is the paper's S: p_0 … p_S, then limit)."
+    ) in caplog.text
+
+
 # -- before training -------------------------------------------------------------------------------------
 def test_snipit_before_prunes_along_the_schedule_with_nested_masks(tmp_path):
     pl.seed_everything(0)
