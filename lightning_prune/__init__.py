@@ -3,6 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lightning_prune.callbacks import (
+    GroupHoyerSquareCallback,
+    HoyerSquareCallback,
     IterativeSNIPCallback,
     PruningCallback,
     ShrinkOnFitEnd,
@@ -34,6 +36,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 __all__ = [
     "ChannelGraph",
     "ChannelGroup",
+    "GroupHoyerSquareCallback",
+    "HoyerSquareCallback",
     "IterativeSNIPCallback",
     "ModelStats",
     "ParamSlice",

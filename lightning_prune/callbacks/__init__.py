@@ -1,12 +1,15 @@
 """Lightning callbacks that prune and shrink."""
 
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.hoyer import GroupHoyerSquareCallback, HoyerSquareCallback
 from lightning_prune.callbacks.iterative import IterativeSNIPCallback, SNAPit, SNIPit
 from lightning_prune.callbacks.shrink import ShrinkOnFitEnd
 from lightning_prune.callbacks.slimming import SlimmingL1Callback
 from lightning_prune.callbacks.snip import SNIPCallback
 
 __all__ = [
+    "GroupHoyerSquareCallback",
+    "HoyerSquareCallback",
     "IterativeSNIPCallback",
     "PruningCallback",
     "SNAPit",
