@@ -86,8 +86,10 @@ class L0Callback(PruningCallback):
     producers. In training, one hard-concrete sample per channel and batch
     (:func:`sample_gates`, ``β = 2/3``, ``γ = −0.1``, ``ζ = 1.1``); in evaluation the deterministic gates
     :func:`deterministic_gates`. The ``log α`` are an extra parameter group of the (first) optimizer
-    (learning rate ``gate_lr``, no weight decay), averaged over ranks under DDP, clamped to
-    ``[log 0.01, log 100]`` after every step, and saved in checkpoints.
+    (learning rate ``gate_lr``, no weight decay; a scheduler that scales every group's rate, such as
+    ``StepLR``, scales it too, one with fixed base rates, such as ``CosineAnnealingLR``, leaves it),
+    averaged over ranks under DDP, clamped to ``[log 0.01, log 100]`` after every step, and saved in
+    checkpoints.
 
     **Penalty**, added to the gradients once per optimizer step:
     ``Σ_j P(z_j ≠ 0) · (penalty · n_j + weight_decay/2 · ‖θ_j‖²)``, with :func:`open_probability`,
@@ -331,7 +333,7 @@ class L0Callback(PruningCallback):
                 for name, dim, positions, channels in self._rows[group]:
                     rows = params[name].movedim(dim, 0).index_select(0, positions.to(log_alpha.device))
                     squares = squares.index_add(
-                        0, channels.to(log_alpha.device), rows.float().pow(2).flatten(1).sum(1)
+                        0, channels.to(log_alpha.device), rows.float().pow(2).reshape(len(rows), -1).sum(1)
                     )
                 per_channel = per_channel + 0.5 * self.weight_decay * squares
             total = total + (open_probability(log_alpha) * per_channel).sum()
