@@ -123,7 +123,7 @@ class L0Callback(PruningCallback):
         >>> import lightning.pytorch as pl
         >>> from lightning_prune import L0Callback, ShrinkOnFitEnd
         >>> l0 = L0Callback(penalty=0.1 / 50_000, weight_decay=5e-5)
-        >>> trainer = pl.Trainer(callbacks=[l0, ShrinkOnFitEnd("vgg16_l0.pt")], max_epochs=160)
+        >>> trainer = pl.Trainer(callbacks=[l0, ShrinkOnFitEnd("vgg16_l0.pt")], max_epochs=160, logger=False)
     """
 
     structured = True
