@@ -17,7 +17,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune._validate import integer, number
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PrunesOnce
 from lightning_prune.callbacks.reports import ThresholdReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
@@ -105,7 +105,7 @@ def row_magnitudes(group: ChannelGroup, module: nn.Module) -> torch.Tensor:
     return out
 
 
-class _HoyerCallback(PruningCallback):
+class _HoyerCallback(PrunesOnce):
     """Shared machinery: the regulariser's gradient at every optimizer step until pruning; one event."""
 
     regularizer: Callable[[torch.Tensor], torch.Tensor]
@@ -137,17 +137,6 @@ class _HoyerCallback(PruningCallback):
     # -- state ---------------------------------------------------------------------------------------------
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "penalty": self.penalty, "threshold": self.threshold}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """See :meth:`PruningCallback.load_state_dict`."""
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))
 
     # -- hooks ---------------------------------------------------------------------------------------------
     @override

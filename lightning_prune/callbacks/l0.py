@@ -13,7 +13,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_prune._validate import integer, number
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PrunesOnce, PruningCallback
 from lightning_prune.callbacks.reports import ThresholdReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
@@ -71,7 +71,7 @@ def _channel_dim(module: nn.Module) -> int:
     return -1 if isinstance(module, nn.Linear | nn.LayerNorm) else 1
 
 
-class L0Callback(PruningCallback):
+class L0Callback(PrunesOnce):
     """L0 regularisation: a hard-concrete gate on every channel, the expected L0 norm as penalty.
 
     Paper: Louizos, Welling, Kingma, "Learning Sparse Neural Networks through L0 Regularization", ICLR
@@ -165,15 +165,14 @@ class L0Callback(PruningCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """See :meth:`PruningCallback.state_dict`; adds the ``log α`` of every group and whether it pruned."""
+        """See :meth:`PrunesOnce.state_dict`; adds the ``log α`` of every group."""
         gates = {g: a.detach().cpu().clone() for g, a in self.log_alpha.items()}
-        return {**super().state_dict(), "log_alpha": gates, "pruned": self.pruned}
+        return {**super().state_dict(), "log_alpha": gates}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """See :meth:`PruningCallback.load_state_dict`."""
+        """See :meth:`PrunesOnce.load_state_dict`."""
         super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))
         self.log_alpha = {g: nn.Parameter(a.float()) for g, a in state_dict.get("log_alpha", {}).items()}
 
     # -- hooks ---------------------------------------------------------------------------------------------

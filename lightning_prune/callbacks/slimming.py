@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_prune._validate import choice, fraction, integer, invalid, number
 from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.callbacks._trainer import validation_metrics
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PrunesOnce
 from lightning_prune.callbacks.reports import SlimmingReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
@@ -62,7 +62,7 @@ def scale_scores(
     return total / torch.bincount(c, minlength=group.size).clamp_min(1)
 
 
-class SlimmingL1Callback(PruningCallback):
+class SlimmingL1Callback(PrunesOnce):
     """Network Slimming: L1 on normalization scales during training, then prune channels by ``|γ|``.
 
     Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017,
@@ -158,17 +158,6 @@ class SlimmingL1Callback(PruningCallback):
 
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "penalty": self.penalty, "limit": self.limit}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """See :meth:`PruningCallback.load_state_dict`."""
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))
 
     # -- hooks ---------------------------------------------------------------------------------------------
     @override
