@@ -4,6 +4,7 @@ the threshold cut (masks, physical channels), resume from a checkpoint, bad argu
 from __future__ import annotations
 
 import copy
+import pickle
 
 import lightning.pytorch as pl
 import pytest
@@ -212,3 +213,13 @@ def test_resume_after_pruning_keeps_the_pruned_network_and_does_not_prune_again(
     if cls is HoyerSquareCallback:
         assert second.masks.keys() == first.masks.keys()
         assert all(torch.equal(second.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
+
+
+@pytest.mark.parametrize("cls", [HoyerSquareCallback, GroupHoyerSquareCallback])
+def test_pickles_before_and_after_fit(tmp_path, cls):
+    callback = cls(penalty=1e-3, threshold=0.2, prune_delay=0, prune_freq=1)
+    assert pickle.loads(pickle.dumps(callback)).threshold == 0.2
+    trainer(tmp_path, [callback], max_epochs=2, limit_val_batches=0).fit(TinyModule())
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.pruned and clone.report == callback.report
+    assert clone.masks.keys() == callback.masks.keys()

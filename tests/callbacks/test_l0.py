@@ -4,6 +4,7 @@ folding and removing closed channels exactly, resume from a checkpoint, bad argu
 from __future__ import annotations
 
 import math
+import pickle
 
 import lightning.pytorch as pl
 import pytest
@@ -191,3 +192,13 @@ def test_resume_restores_the_gates_and_their_optimizer_state(tmp_path):
         capture.moments is not None and capture.moments.abs().sum() > 0
     )  # Adam's moments of the gates came back with the optimizer
     assert second.pruned
+
+
+def test_pickles_before_and_after_fit(tmp_path):
+    l0 = L0Callback(penalty=0.05, gate_lr=0.5)
+    assert pickle.loads(pickle.dumps(l0)).penalty == 0.05
+    trainer(tmp_path, [l0], max_epochs=1, limit_val_batches=0).fit(TinyModule())
+    clone = pickle.loads(pickle.dumps(l0))
+    assert clone.pruned and clone.report == l0.report
+    for group, value in l0.log_alpha.items():
+        torch.testing.assert_close(clone.log_alpha[group].detach(), value.detach())
