@@ -152,9 +152,8 @@ class L0Callback(PrunesOnce):
         self.report: ThresholdReport | None = None
         self._points: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}  # module -> gated slices
         self._widths: dict[str, int] = {}  # gated module -> its channel count
-        self._rows: dict[
-            str, list[tuple[str, int, torch.Tensor, torch.Tensor]]
-        ] = {}  # group -> producing rows
+        # group -> its producing rows: (parameter, dim, positions, channels)
+        self._rows: dict[str, list[tuple[str, int, torch.Tensor, torch.Tensor]]] = {}
         self._counts: dict[str, torch.Tensor] = {}  # group -> n_j
         self._samples: dict[str, torch.Tensor] = {}  # group -> this batch's gates
         self._hooks: list[Any] = []
