@@ -223,3 +223,18 @@ def test_pickles_before_and_after_fit(tmp_path, cls):
     clone = pickle.loads(pickle.dumps(callback))
     assert clone.pruned and clone.report == callback.report
     assert clone.masks.keys() == callback.masks.keys()
+
+
+def test_resume_before_the_event_prunes_in_the_resumed_run(tmp_path):
+    torch.manual_seed(0)
+    first = HoyerSquareCallback(penalty=1e-3, threshold=0.05, prune_delay=1, prune_freq=1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path, [first, ckpt], max_epochs=3, enable_checkpointing=True, limit_val_batches=0).fit(
+        Ordered()  # no shuffling: the resumed epoch 2 sees the batches of the uninterrupted one
+    )
+    second = HoyerSquareCallback(penalty=1e-3, threshold=0.05, prune_delay=1, prune_freq=1)
+    resumed = Ordered()
+    fit = trainer(tmp_path, [second], max_epochs=3, limit_val_batches=0)
+    fit.fit(resumed, ckpt_path=tmp_path / "epoch=0-step=4.ckpt")  # one epoch done, the event after two
+    assert second.pruned and second.report is not None  # pruned in the resumed run
+    assert all(torch.equal(second.masks[n].cpu(), first.masks[n].cpu()) for n in first.masks)
