@@ -15,6 +15,8 @@ Methods:
 - `ours`: `lightning_prune` — every channel group with a BatchNorm is scored by max |γ| over the group's
   norms (residual-coupled groups included), one global ranking, node-weighted count, never emptying a layer
   (`scale_scores` and `lowest_channels`, the functions `SlimmingL1Callback.prune` calls).
+- `ours-floor`: `ours` with a per-layer floor (`SlimmingL1Callback(layer_floor=...)`, `--floor`): every
+  layer keeps at least that fraction of its channels (Torch-Pruning's `max_pruning_ratio` = 1 - floor).
 - `netslim`: the same scores and ranking, restricted to groups with a single producer and a single
   BatchNorm (what the netslim seed can prune: no residual/concat coupling).
 - `torch-pruning`: `tp.pruner.BNScalePruner(importance=tp.importance.BNScaleImportance(),
@@ -42,6 +44,7 @@ from lightning_prune.examples import DigitsClassifier, DigitsDataModule
 from lightning_prune.structure import lowest_channels
 
 RATIOS = [round(0.05 * i, 2) for i in range(1, 19)]  # 0.05 … 0.90
+METHODS = ("ours", "ours-floor", "netslim", "torch-pruning")
 
 
 class DigitsResNet(nn.Module):
@@ -106,7 +109,7 @@ def head_name(arch: str) -> str:
     return "model.head" if arch == "resnet" else "model.14"
 
 
-def prune_ours(module: DigitsClassifier, ratio: float, restricted: bool) -> None:
+def prune_ours(module: DigitsClassifier, ratio: float, restricted: bool, floor: float = 0.0) -> None:
     example = module.example_input_array
     graph = ChannelGraph(module, example)
     norms = [n for n, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -121,7 +124,7 @@ def prune_ours(module: DigitsClassifier, ratio: float, restricted: bool) -> None
         if restricted and (len(g.producers) != 1 or len(norm_layers) != 1):
             continue  # netslim: only a BatchNorm between two convs through per-channel ops
         scores[g.name] = s
-    plan = lowest_channels(graph, scores, ratio)
+    plan = lowest_channels(graph, scores, ratio, floor=floor)
     graph.prune(plan)
 
 
@@ -200,7 +203,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         head = head_name(arch)
         nodes0 = node_count(base, head)
         stats0 = model_stats(base, base.example_input_array[:1])
-        for method in ("ours", "netslim", "torch-pruning"):
+        for method in METHODS:
             for ratio in RATIOS:
                 module = copy.deepcopy(base)
                 start = time.perf_counter()
@@ -208,7 +211,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     if method == "torch-pruning":
                         prune_torch_pruning(module, ratio, head)
                     else:
-                        prune_ours(module, ratio, restricted=method == "netslim")
+                        floor = args.floor if method == "ours-floor" else 0.0
+                        prune_ours(module, ratio, restricted=method == "netslim", floor=floor)
                 except Exception as err:  # report, do not hide
                     records.append({"arch": arch, "method": method, "ratio": ratio, "error": repr(err)[:200]})
                     continue
@@ -240,7 +244,7 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
         "",
         "Produced by `python benchmarks/slimming_compare.py "
         f"--epochs {args.epochs} --penalty {args.penalty:g} --tolerance {args.tolerance:g} "
-        f"--finetune-epochs {args.finetune_epochs} "
+        f"--finetune-epochs {args.finetune_epochs} --floor {args.floor:g} "
         f"--out docs/benchmarks-slimming.md` on {platform.machine()}, 2 CPU cores (no GPU), "
         f"torch {torch.__version__}, torch-pruning {tp.__version__}; whole run {wall:.0f} s.",
         "",
@@ -249,7 +253,8 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
         f"`SlimmingL1Callback(penalty={args.penalty:g})` on every BatchNorm scale, seed 0.",
         "Then each method prunes copies of the same trained weights at ratios 0.05 … 0.90; accuracy is on",
         "the held-out split, **before any fine-tuning**. 'best' = most conv/linear output channels (nodes)",
-        f"removed with accuracy ≥ trained − {args.tolerance:g}.",
+        f"removed with accuracy ≥ trained − {args.tolerance:g}. `ours-floor` is `ours` with "
+        f"`layer_floor={args.floor:g}`: every layer keeps at least {args.floor:.0%} of its channels.",
         "",
     ]
     for arch in args.archs:
@@ -264,7 +269,7 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
             "| method | best ratio | nodes removed | accuracy | params | MACs |",
             "|---|---|---|---|---|---|",
         ]
-        for method in ("ours", "netslim", "torch-pruning"):
+        for method in METHODS:
             rows = [r for r in records if r["arch"] == arch and r["method"] == method and "acc" in r]
             ok = [r for r in rows if r["acc"] >= ref - args.tolerance]
             if not ok:
@@ -285,7 +290,7 @@ def render(records: list[dict], args: argparse.Namespace, wall: float) -> str:
             "| method | " + " | ".join(f"ratio {r}" for r in FINETUNE_RATIOS) + " |",
             "|---|" + "---|" * len(FINETUNE_RATIOS),
         ]
-        for method in ("ours", "netslim", "torch-pruning"):
+        for method in METHODS:
             cells = []
             for ratio in FINETUNE_RATIOS:
                 r = next(
@@ -337,7 +342,7 @@ def plot(records: list[dict], args: argparse.Namespace, path: Path) -> None:
         ref = next(r["acc"] for r in records if r["arch"] == arch and r.get("penalty") == args.penalty)
         for row, (key, label) in enumerate((("params", "params kept"), ("macs", "MACs kept"))):
             ax = axes[row][col]
-            for method, marker in (("ours", "o"), ("netslim", "s"), ("torch-pruning", "^")):
+            for method, marker in zip(METHODS, "oDs^", strict=True):
                 rows = sorted(
                     (r for r in records if r["arch"] == arch and r["method"] == method and "acc" in r),
                     key=lambda r: r[key],
@@ -351,7 +356,7 @@ def plot(records: list[dict], args: argparse.Namespace, path: Path) -> None:
                 xscale="log", xlabel=f"{label} (fraction)", ylabel="accuracy before fine-tuning", title=arch
             )
             ax.legend(loc="lower right")
-    fig.suptitle("Network Slimming on digits: same sparsity-trained weights, three pruners")
+    fig.suptitle("Network Slimming on digits: same sparsity-trained weights, four pruners")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -365,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty", type=float, default=1e-3)
     parser.add_argument("--finetune-epochs", type=int, default=10, help="fine-tune at ratios 0.3/0.5/0.7/0.9")
     parser.add_argument("--tolerance", type=float, default=0.01, help="accuracy drop allowed")
+    parser.add_argument("--floor", type=float, default=0.1, help="layer_floor of the ours-floor variant")
     parser.add_argument("--jsonl", type=Path, help="write raw records here")
     parser.add_argument("--out", type=Path, help="markdown page (default: stdout)")
     parser.add_argument(

@@ -3,7 +3,10 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lightning_prune.callbacks import (
+    GroupHoyerSquareCallback,
+    HoyerSquareCallback,
     IterativeSNIPCallback,
+    L0Callback,
     PruningCallback,
     ShrinkOnFitEnd,
     SlimmingL1Callback,
@@ -34,7 +37,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 __all__ = [
     "ChannelGraph",
     "ChannelGroup",
+    "GroupHoyerSquareCallback",
+    "HoyerSquareCallback",
     "IterativeSNIPCallback",
+    "L0Callback",
     "ModelStats",
     "ParamSlice",
     "PruneResult",

@@ -380,6 +380,23 @@ class PruningCallback(Callback):
                 logger.log_metrics(dict(metrics), step=trainer.global_step)
 
 
+class PrunesOnce(PruningCallback):
+    """A pruning callback that prunes once: whether it already has (``pruned``) is kept in checkpoints."""
+
+    pruned: bool = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
+        return {**super().state_dict(), "pruned": self.pruned}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """See :meth:`PruningCallback.load_state_dict`."""
+        super().load_state_dict(state_dict)
+        self.pruned = bool(state_dict.get("pruned", False))
+
+
 def _resize_before_load(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: give the module the shapes of the incoming weights (either way)."""
     own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

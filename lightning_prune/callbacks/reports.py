@@ -107,6 +107,29 @@ class SlimmingReport(Sparsity):
 
 
 @dataclass(frozen=True)
+class ThresholdReport(Sparsity):
+    """After a regularise-then-threshold baseline pruned (HoyerSquare, Group-HS, L0).
+
+    Attributes:
+        threshold: Weights (or channels) at or below this magnitude were removed.
+        channels_removed: Channels removed physically (0 for unstructured pruning).
+        macs: MACs of one forward pass with the example inputs after pruning (None when unstructured).
+    """
+
+    threshold: float
+    channels_removed: int = 0
+    macs: int | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Adds ``prune/threshold``, ``prune/channels_removed`` and ``prune/macs`` (structured)."""
+        out = super().metrics() | {
+            "prune/threshold": float(self.threshold),
+            "prune/channels_removed": float(self.channels_removed),
+        }
+        return out | ({"prune/macs": float(self.macs)} if self.macs is not None else {})
+
+
+@dataclass(frozen=True)
 class Figures:
     """What a model costs, as :class:`~lightning_prune.ShrinkOnFitEnd` measures it.
 

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_prune._validate import choice, fraction, integer, invalid, number
 from lightning_prune._validate import round_to as check_round_to
 from lightning_prune.callbacks._trainer import validation_metrics
-from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.callbacks.base import PrunesOnce
 from lightning_prune.callbacks.reports import SlimmingReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
@@ -62,7 +62,7 @@ def scale_scores(
     return total / torch.bincount(c, minlength=group.size).clamp_min(1)
 
 
-class SlimmingL1Callback(PruningCallback):
+class SlimmingL1Callback(PrunesOnce):
     """Network Slimming: L1 on normalization scales during training, then prune channels by ``|γ|``.
 
     Paper: Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017,
@@ -82,12 +82,14 @@ class SlimmingL1Callback(PruningCallback):
     use, so a residual channel that one block still needs is kept) — and, in ONE global ranking, the lowest
     channels are removed until ``limit`` of the scored nodes are gone (the global-threshold rule of the
     paper; a channel feeding several producers counts once per producer). Every layer keeps at least one
-    channel. Unlike the original, residual additions and concatenations are not skipped: their coupled
-    channels are removed together, in every layer. Removal is physical and immediate; during fit the
-    optimizer keeps the state of the kept channels, so training (fine-tuning) goes on with the smaller
-    network. At ``"fit_end"`` pruning runs in ``on_train_end``, before any ``on_fit_end`` hook, so
-    :class:`~lightning_prune.ShrinkOnFitEnd` (in either order in the callback list) reports and saves the
-    pruned network.
+    channel, and at least ``layer_floor`` of its channels (rounded up) when that is set: one global
+    threshold can otherwise cut a layer whose scales all shrank down to a single channel (Torch-Pruning's
+    per-layer ``max_pruning_ratio`` is ``1 - layer_floor``). Unlike the original, residual additions and
+    concatenations are not skipped: their coupled channels are removed together, in every layer. Removal
+    is physical and immediate; during fit the optimizer keeps the state of the kept channels, so training
+    (fine-tuning) goes on with the smaller network. At ``"fit_end"`` pruning runs in ``on_train_end``,
+    before any ``on_fit_end`` hook, so :class:`~lightning_prune.ShrinkOnFitEnd` (in either order in the
+    callback list) reports and saves the pruned network.
 
     **Monitoring.** At every epoch end: ``slimming/frac_below_1e-2`` (fraction of selected ``|γ|`` below
     0.01) and ``slimming/mean_abs_gamma`` to every logger, and a histogram of ``|γ|`` to TensorBoard loggers.
@@ -102,6 +104,10 @@ class SlimmingL1Callback(PruningCallback):
         round_to: Every channel group the pruning cuts keeps a multiple of this many channels
             (:func:`~lightning_prune.structure.round_kept`); ``"auto"`` picks it from the device and dtype
             (:func:`~lightning_prune.structure.auto_round_to`); 1: no rounding.
+        layer_floor: Fraction of each layer's channels that pruning always keeps, in [0, 1) (0.1: no
+            layer loses more than 90% of its channels); 0: at least one channel per layer. When the floors
+            leave fewer removable channels than ``limit`` asks for, fewer are removed (the report says how
+            many).
 
     Raises:
         PruningError: For invalid arguments (here) or a model without selected affine norm layers (setup).
@@ -122,10 +128,12 @@ class SlimmingL1Callback(PruningCallback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         round_to: int | str = 1,
+        layer_floor: float = 0.0,
     ) -> None:
         super().__init__(include=include, exclude=exclude)
         owner = type(self).__name__
         self.round_to = check_round_to(owner, round_to)
+        self.layer_floor = fraction(owner, "layer_floor", layer_floor)
         self.penalty = number(owner, "penalty", penalty, low=0)
         self.limit = None if limit is None else fraction(owner, "limit", limit)
         self.structured = self.limit is not None
@@ -150,17 +158,6 @@ class SlimmingL1Callback(PruningCallback):
 
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "penalty": self.penalty, "limit": self.limit}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """See :meth:`PruningCallback.state_dict`; adds whether pruning already happened."""
-        return {**super().state_dict(), "pruned": self.pruned}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """See :meth:`PruningCallback.load_state_dict`."""
-        super().load_state_dict(state_dict)
-        self.pruned = bool(state_dict.get("pruned", False))
 
     # -- hooks ---------------------------------------------------------------------------------------------
     @override
@@ -322,7 +319,9 @@ class SlimmingL1Callback(PruningCallback):
                 f"{owner}: no prunable channel group contains a selected norm layer ({self._norms}); the "
                 "layers producing the model output are never pruned."
             )
-        plan = lowest_channels(graph, scores, self.limit, self.channel_multiple(pl_module))
+        plan = lowest_channels(
+            graph, scores, self.limit, self.channel_multiple(pl_module), floor=self.layer_floor
+        )
         plan = self.from_rank_zero(trainer, plan)
         groups = {g.name: g for g in graph.groups}
         threshold = max((float(scores[g][c]) for g, chs in plan.items() for c in chs), default=0.0)

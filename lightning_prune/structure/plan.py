@@ -42,24 +42,44 @@ def spare_one_per_layer(
 
 
 def lowest_channels(
-    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], amount: float, round_to: int = 1
+    graph: ChannelGraph,
+    scores: Mapping[str, torch.Tensor],
+    amount: float,
+    round_to: int = 1,
+    floor: float = 0.0,
 ) -> dict[str, list[int]]:
     """Plan the removal of the lowest-scoring channels in ONE global ranking over the scored groups.
 
     Channels are removed in ascending score order (ties broken by model order) until ``amount`` of the
     scored groups' nodes (conv/linear output channels; a channel shared by several producers counts once
     per producer, see :func:`node_weights`) are gone. A channel is skipped when removing it would empty a
-    layer, so every group and every layer keeps at least one channel.
+    layer, so every group and every layer keeps at least one channel; with ``floor``, a channel is also
+    skipped when its layer would keep fewer than ``ceil(floor · n)`` of the ``n`` channels it has in the
+    group (Torch-Pruning's per-layer ``max_pruning_ratio`` is ``1 - floor``). When the floors make
+    ``amount`` unreachable, the plan removes what they allow.
 
     Args:
         graph: The channel graph the scores refer to.
         scores: Group name → 1-D scores, one per channel (higher = keep).
         amount: Fraction of the scored nodes to remove, in [0, 1).
         round_to: Make the kept channel count of every group that loses channels a multiple of this
-            (see :func:`round_kept`); 1 leaves the plan as ranked.
+            (see :func:`round_kept`); 1 leaves the plan as ranked. Rounding to the nearest multiple may
+            take a layer below its floor by less than one multiple.
+        floor: Fraction of each layer's channels always kept, in [0, 1); 0: at least one channel.
 
     Returns:
         Group name → channel indices to remove, for :meth:`ChannelGraph.prune`.
+
+    Examples:
+        >>> import torch
+        >>> from lightning_prune import ChannelGraph
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+        >>> graph = ChannelGraph(net, torch.randn(1, 4))
+        >>> scores = {"0": torch.arange(10.0)}
+        >>> len(lowest_channels(graph, scores, 0.95)["0"])  # one channel left
+        9
+        >>> len(lowest_channels(graph, scores, 0.95, floor=0.3)["0"])  # 3 of 10 kept
+        7
     """
     groups = {g.name: g for g in graph.groups}
     entries = []  # (score, order, group name, channel)
@@ -78,13 +98,16 @@ def lowest_channels(
     # For each group: which layers (slices) each channel is part of, and how many channels each still has.
     covers: dict[str, dict[int, list[int]]] = {}
     remaining: dict[str, list[int]] = {}
+    least: dict[str, list[int]] = {}  # channels each layer keeps at least
     for name in scores:
         slices = groups[name].slices
         covers[name] = {}
         remaining[name] = []
+        least[name] = []
         for i, s in enumerate(slices):
             unique = s.channels.unique().tolist()
             remaining[name].append(len(unique))
+            least[name].append(max(1, math.ceil(floor * len(unique) - 1e-9)))
             for c in unique:
                 covers[name].setdefault(c, []).append(i)
 
@@ -95,7 +118,7 @@ def lowest_channels(
         if removed >= target:
             break
         layers = covers[name].get(channel, [])
-        if any(remaining[name][i] <= 1 for i in layers):
+        if any(remaining[name][i] <= least[name][i] for i in layers):
             continue
         for i in layers:
             remaining[name][i] -= 1

@@ -8,7 +8,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_prune import IterativeSNIPCallback, SlimmingL1Callback, SNIPCallback
+from lightning_prune import (
+    GroupHoyerSquareCallback,
+    HoyerSquareCallback,
+    IterativeSNIPCallback,
+    L0Callback,
+    SlimmingL1Callback,
+    SNIPCallback,
+)
 from tests.helpers.modules import TinyModule
 
 
@@ -50,6 +57,12 @@ if __name__ == "__main__":
             prune_freq=1,
             num_batches=2,
         )
+    elif mode == "hoyer":  # the regulariser's gradient, then |w| <= 0.05 masked at the end of epoch 2
+        pruner = HoyerSquareCallback(penalty=1e-3, threshold=0.05, prune_delay=1, prune_freq=1)
+    elif mode == "group-hoyer":  # channels with every producing |w| <= 0.2 removed at the end of epoch 2
+        pruner = GroupHoyerSquareCallback(penalty=1e-3, threshold=0.2, prune_delay=1, prune_freq=1)
+    elif mode == "l0":  # gates trained on both ranks' data, folded and closed channels removed at the end
+        pruner = L0Callback(penalty=0.05, gate_lr=0.5)
     elif mode == "slimming":  # L1 on the BatchNorm scales, channels pruned by |γ| at the end of epoch 2
         pruner = SlimmingL1Callback(penalty=1e-3, limit=0.5, prune_at=2)
     else:

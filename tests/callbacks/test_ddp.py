@@ -15,8 +15,8 @@ from tests.helpers.modules import TinyModule
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during", "slimming"])
-def test_two_ranks_agree(tmp_path, mode):
+def two_ranks(tmp_path, mode):
+    """Run ddp_run.py in `mode` on two CPU processes; each rank's final state dict."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), mode],
@@ -26,8 +26,12 @@ def test_two_ranks_agree(tmp_path, mode):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during", "slimming"])
+def test_two_ranks_agree(tmp_path, mode):
+    a, b = two_ranks(tmp_path, mode)
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].shape == b[key].shape, key
@@ -49,6 +53,21 @@ def test_two_ranks_agree(tmp_path, mode):
         assert total[kept].min() >= total[~kept].max()
         rank0 = torch.cat([s0[k].flatten() for k in masks])
         assert not rank0[kept].min() >= rank0[~kept].max()  # rank 0's own scores would decide otherwise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hoyer", "group-hoyer", "l0"])
+def test_two_ranks_agree_on_the_regularised_baselines(tmp_path, mode):
+    a, b = two_ranks(tmp_path, mode)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])  # same pruning, same gates, same training on both ranks
+    dense = TinyModule(arch="resnet").state_dict()
+    if mode == "hoyer":
+        weights = [k for k in a if k.endswith("weight") and a[k].dim() > 1]
+        assert sum(int((a[k] == 0).sum()) for k in weights) > 0
+    else:  # channels were removed physically
+        assert sum(v.numel() for v in a.values()) < sum(v.numel() for v in dense.values())
 
 
 def test_structured_under_ddp_spawn_is_refused_in_setup(tmp_path):

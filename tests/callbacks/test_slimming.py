@@ -49,6 +49,12 @@ def gammas(module):
         ({"prune_at": "end"}, r"`prune_at` must be 'fit_end'"),
         ({"aggregate": "min"}, r"`aggregate` must be one of \['max', 'mean', 'sum'\]"),
         ({"include": "model.*"}, r"`include` must be a list of glob patterns"),
+        (
+            {"layer_floor": 1.0},
+            r"`SlimmingL1Callback\(layer_floor=1.0\)` is invalid: .* in \[0, 1\); got 1.0",
+        ),
+        ({"layer_floor": -0.1}, r"`layer_floor` must be in \[0, 1\); got -0.1"),
+        ({"layer_floor": "0.1"}, r"`layer_floor` must be in \[0, 1\); got '0.1'"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):
@@ -429,3 +435,17 @@ def test_pruning_at_fit_end_revalidates_and_warns_when_scales_are_not_separated(
     assert before == float(fit.callback_metrics["val/acc_before_pruning"])
     assert after == pytest.approx(accuracy)
     assert slim.report.after_pruning["val/acc"] == pytest.approx(accuracy)
+
+
+@pytest.mark.parametrize(("floor", "first", "second"), [(0.0, 1, 11), (0.5, 4, 8)])
+def test_layer_floor_stops_one_threshold_from_emptying_a_layer(tmp_path, floor, first, second):
+    module = TinyModule(lr=0.0)  # the scales stay as set here
+    with torch.no_grad():
+        module.model.features[1].weight.fill_(1e-4)  # every scale of the first layer below the second's
+        module.model.features[4].weight.copy_(torch.linspace(0.5, 1.5, 16))
+    slim = SlimmingL1Callback(penalty=0.0, limit=0.5, layer_floor=floor)
+    trainer(tmp_path, [slim], max_epochs=1, limit_val_batches=0).fit(module)
+    # 24 scored nodes (8 + 16), 12 removed: the first layer's 8 go first, down to its floor
+    assert module.model.features[0].out_channels == first
+    assert module.model.features[3].out_channels == second
+    assert slim.report.channels_removed == 12
