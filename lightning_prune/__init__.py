@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lightning_prune.callbacks import (
+    AdversarialEvaluation,
     IterativeSNIPCallback,
     PruningCallback,
     ShrinkOnFitEnd,
@@ -32,6 +33,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "AdversarialEvaluation",
     "ChannelGraph",
     "ChannelGroup",
     "IterativeSNIPCallback",
