@@ -67,8 +67,9 @@ class AdversarialEvaluation(Callback):
         max_batches: Attack only the first this many test batches (per rank); ``None``: all.
         steps: PGD steps (default 10) or Adam steps per constant of Carlini–Wagner (default 100).
         binary_steps: Constants Carlini–Wagner tries per example (binary search).
-        low: Lower bound of the inputs (attacks stay in ``[low, high]``).
-        high: Upper bound of the inputs.
+        low: Lower bound of the inputs (attacks stay in ``[low, high]``). For inputs normalised as
+            ``(pixel − mean) / std``, pass ``(0 − mean) / std`` and budgets divided by ``std``.
+        high: Upper bound of the inputs (``(1 − mean) / std`` when normalised).
         seed: Seed of PGD's random start.
 
     Raises:
@@ -193,6 +194,13 @@ class AdversarialEvaluation(Callback):
         if ok and isinstance(batch[0], torch.Tensor) and isinstance(batch[1], torch.Tensor):
             x, y = batch[0], batch[1]
             if x.is_floating_point() and y.dtype == torch.long and y.shape == x.shape[:1]:
+                if x.numel() and (x.min() < self.low or x.max() > self.high):
+                    raise PruningError(
+                        f"{type(self).__name__}(low={self.low}, high={self.high}): the test inputs range "
+                        f"over [{float(x.min()):.4g}, {float(x.max()):.4g}], outside the box the attacks "
+                        "keep them in: pass the bounds of your inputs (for normalised images, the normalised "
+                        "bounds, and the budgets in the same units)."
+                    )
                 return x, y
         raise PruningError(
             f"{type(self).__name__}: test batches must be (inputs, labels, ...) with floating-point inputs "

@@ -156,6 +156,13 @@ def test_batches_that_are_not_inputs_and_labels_are_refused(tmp_path):
         trainer(tmp_path, [AdversarialEvaluation("fgsm", epsilons=[0.1])]).test(Unlabelled(), verbose=False)
 
 
+def test_inputs_outside_the_box_are_refused_with_their_range(tmp_path):
+    evaluation = AdversarialEvaluation("pgd", epsilons=[0.1], low=0.0, high=0.5)
+    match = r"AdversarialEvaluation\(low=0.0, high=0.5\): the test inputs range over \[0.2"
+    with pytest.raises(PruningError, match=match):
+        trainer(tmp_path, [evaluation]).test(Blobs(), verbose=False)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
