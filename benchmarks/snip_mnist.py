@@ -489,6 +489,12 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
     failed = [r for r in runs.values() if r["status"] != "ok"]
     sessions = [s for s in records if s.get("kind") == "session" and s.get("runs")]
     env = (ok or failed or [{}])[-1].get("env", {})
+    # runs that finished after the second invocation started came from a later one (re-run or added)
+    starts = sorted(dt.datetime.fromisoformat(x["started"]) for x in sessions)
+    second = starts[1] if len(starts) > 1 else None
+
+    def later(r: dict[str, Any]) -> bool:
+        return second is not None and dt.datetime.fromisoformat(r["finished"]) >= second
 
     def cell(model: str, method: str, sparsity: float) -> list[dict[str, Any]]:
         return [
@@ -522,12 +528,19 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
             rs = cell(model, method, 0.0 if method == "dense" else s)
             errors = [r["test_error"] for r in rs]
             mark = "" if all(r["sparsity_ok"] for r in rs) else " ⚠"
+            mark += " †" if any(later(r) for r in rs) else ""
             cells.append(f"{mean_std(errors)} ({len(errors)}){mark}" if errors else "—")
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
     for method in ("dense", "snip"):
         paper = [PAPER.get((m, method, 0.0 if method == "dense" else s)) for m, s in columns]
         lines.append(f"| *paper: {METHOD_NAMES[method]}* | " + " | ".join(f"*{p}*" for p in paper) + " |")
     lines.append("")
+    if any(later(r) for r in ok):
+        lines += [
+            "† run (again) by an invocation after the first one (commands above, in order); the "
+            "other cells come from the first invocation.",
+            "",
+        ]
     lines.append(
         "The paper trained for 250k iterations (about 463 epochs of its 54k training images); the runs here "
         "are far shorter (below). The paper's rows are a reference for a much longer budget; the comparison "
