@@ -82,10 +82,8 @@ def fgsm(
         >>> fgsm(model, torch.tensor([[0.5, 0.5]]), torch.tensor([0]), eps=0.1)
         tensor([[0.4000, 0.6000]])
     """
-    low, high = _check_box("fgsm", low, high)
     eps = number("fgsm", "eps", eps, low=0.0)
-    _check_inputs("fgsm", x, y, low, high)
-    return (x + eps * _input_gradient(model, x, y).sign()).clamp(low, high).detach()
+    return _pgd("fgsm", model, x, y, eps, 1, eps, False, None, low, high)
 
 
 def pgd(
@@ -129,7 +127,6 @@ def pgd(
         >>> pgd(model, torch.tensor([[0.5, 0.95]]), torch.tensor([0]), eps=0.1, random_start=False)
         tensor([[0.4000, 1.0000]])
     """
-    low, high = _check_box("pgd", low, high)
     eps = number("pgd", "eps", eps, low=0.0)
     steps = integer("pgd", "steps", steps, low=1)
     if step_size is None:
@@ -138,7 +135,25 @@ def pgd(
         step_size = number("pgd", "step_size", step_size, low=0.0, low_open=True)
     if not isinstance(random_start, bool):
         raise invalid("pgd", "random_start", random_start, "a bool (True or False)")
-    _check_inputs("pgd", x, y, low, high)
+    return _pgd("pgd", model, x, y, eps, steps, step_size, random_start, generator, low, high)
+
+
+def _pgd(
+    owner: str,
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool,
+    generator: torch.Generator | None,
+    low: float,
+    high: float,
+) -> torch.Tensor:
+    """PGD with checked budgets; FGSM is its one step of size ``eps`` from ``x``."""
+    low, high = _check_box(owner, low, high)
+    _check_inputs(owner, x, y, low, high)
     x = x.detach()
     lo, hi = (x - eps).clamp(min=low), (x + eps).clamp(max=high)
     adv = x.clone()
