@@ -187,7 +187,7 @@ class AdversarialEvaluation(Callback):
             norm=self.norm,
         )
         for name, value in self.report.metrics().items():
-            pl_module.log(name, value, sync_dist=False)
+            pl_module.log(name, value, sync_dist=True)  # equal on every rank: the mean changes nothing
 
     def _inputs(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         ok = isinstance(batch, (tuple, list)) and len(batch) >= 2
