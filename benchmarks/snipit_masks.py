@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # snip_mnist, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adversarial_mnist import quiet_trainer
 from snip_mnist import SeedScoringClassifier
 
 from lightning_prune import IterativeSNIPCallback, SNIPCallback
@@ -51,17 +52,7 @@ def masks(cls: type, callback: pl.Callback, data: MNISTDataModule, seed: int) ->
     """The callback's masks of the three Linear weights, in layer order."""
     pl.seed_everything(seed, verbose=False)
     model = cls("lenet300100", lr=1e-9)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[callback])
     trainer.fit(model, datamodule=data)
     return [callback.masks[f"model.{i}.weight"].cpu() for i in (1, 3, 5)]
 
