@@ -212,3 +212,32 @@ def test_two_ranks_sum_their_counts(tmp_path):
     hand_weights(module)
     margin, l1, _ = margins(module)
     assert a["adversarial/fgsm/acc@0.05"] == pytest.approx(float((margin > 0.05 * l1).float().mean()))
+
+
+def test_the_documented_yaml_builds_the_callback():
+    # the LightningCLI form of docs/callbacks/adversarial.md, parsed and instantiated by jsonargparse
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[pl.Callback])
+    entry = {
+        "class_path": "lightning_prune.AdversarialEvaluation",
+        "init_args": {"attack": "pgd", "epsilons": [0.05, 0.1], "max_batches": 10},
+    }
+    (evaluation,) = parser.instantiate_classes(parser.parse_object({"callbacks": [entry]})).callbacks
+    assert isinstance(evaluation, AdversarialEvaluation)
+    assert (evaluation.attack, evaluation.epsilons, evaluation.max_batches) == ("pgd", (0.05, 0.1), 10)
+
+
+def test_checkpointed_model_is_evaluated_with_ckpt_path(tmp_path):
+    # the callback is inert during fit and has no state of its own in the checkpoint
+    module = Blobs(hidden=8)
+    evaluation = AdversarialEvaluation("fgsm", epsilons=[0.05])
+    fit = trainer(tmp_path, [evaluation], max_epochs=2, enable_checkpointing=True)
+    fit.fit(module)
+    assert evaluation.report is None
+    checkpoint = torch.load(fit.checkpoint_callback.best_model_path, weights_only=False)
+    assert not any("AdversarialEvaluation" in key for key in checkpoint.get("callbacks", {}))
+    (result,) = fit.test(module, ckpt_path="best", verbose=False)
+    assert evaluation.report.examples == 64
+    assert result["adversarial/fgsm/acc@0.05"] <= result["adversarial/clean_acc"]
