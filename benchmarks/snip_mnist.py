@@ -8,6 +8,8 @@ Lee et al., "SNIP" (ICLR 2019, arXiv:1810.02340, Table 2). Methods:
 - ``snip``: ``SNIPCallback(limit=s)``, one batch of 100 at initialisation;
 - ``snip-it``: ``IterativeSNIPCallback(limit=s, when="before", steps=5, num_batches=5)``;
 - ``random``: ``IterativeSNIPCallback(limit=s, criterion="random", steps=0, seed=seed)``, one shot at init;
+- ``snip-seedloss``, ``snip-it-seedloss``: ``snip`` with 5 batches and ``snip-it``, scored with the SNIP-it
+  seed's scoring loss ``F.nll_loss`` on the raw logits (:class:`SeedScoringClassifier`; docs/fidelity.md);
 - ``magnitude``: ``IterativeSNIPCallback(limit=s, criterion="magnitude", when="during", steps=5,
   prune_delay=0, prune_freq=1)``: global |w| with SNIP-it's schedule, one step at the end of each epoch;
 - ``modelpruning``: Lightning's ``ModelPruning("l1_unstructured", use_global_unstructured=True)`` on the
@@ -53,7 +55,16 @@ if str(ROOT) not in sys.path:  # run from a source tree without installing
 from lightning_prune.examples.mnist import MNISTClassifier, MNISTDataModule  # noqa: E402
 
 MODELS = ("lenet300100", "lenet5caffe")
-METHODS = ("dense", "snip", "snip-it", "random", "magnitude", "modelpruning")
+METHODS = (
+    "dense",
+    "snip",
+    "snip-it",
+    "random",
+    "magnitude",
+    "modelpruning",
+    "snip-seedloss",
+    "snip-it-seedloss",
+)
 NAMES = {"lenet300100": "LeNet-300-100", "lenet5caffe": "LeNet-5-Caffe"}
 METHOD_NAMES = {
     "dense": "dense",
@@ -62,6 +73,8 @@ METHOD_NAMES = {
     "random": "random (one shot)",
     "magnitude": "magnitude (SNIP-it schedule, during)",
     "modelpruning": "Lightning ModelPruning (L1, global)",
+    "snip-seedloss": "SNIP, seed's scoring loss",
+    "snip-it-seedloss": "SNIP-it (before), seed's scoring loss",
 }
 SPARSITIES = {"lenet300100": [0.95, 0.98], "lenet5caffe": [0.98, 0.99]}
 # Test error (%) in Table 2 of the SNIP paper: the dense reference and SNIP at each sparsity.
@@ -163,10 +176,10 @@ def make_callbacks(config: dict[str, Any], model: MNISTClassifier) -> list[pl.Ca
     method, s, seed = config["method"], config["sparsity"], config["seed"]
     if method == "dense":
         return []
-    if method == "snip":
+    if method in ("snip", "snip-seedloss"):
         from lightning_prune import SNIPCallback
 
-        return [SNIPCallback(limit=s, num_batches=1)]
+        return [SNIPCallback(limit=s, num_batches=1 if method == "snip" else 5)]
     if method == "modelpruning":
         from lightning.pytorch.callbacks import ModelPruning
 
@@ -186,7 +199,7 @@ def make_callbacks(config: dict[str, Any], model: MNISTClassifier) -> list[pl.Ca
         ]
     from lightning_prune import IterativeSNIPCallback
 
-    if method == "snip-it":
+    if method in ("snip-it", "snip-it-seedloss"):
         return [IterativeSNIPCallback(limit=s, when="before", num_batches=5, **SNIPIT)]
     if method == "random":
         return [IterativeSNIPCallback(limit=s, criterion="random", steps=0, seed=seed)]
@@ -197,6 +210,27 @@ def make_callbacks(config: dict[str, Any], model: MNISTClassifier) -> list[pl.Ca
             )
         ]
     raise ValueError(method)
+
+
+class SeedScoringClassifier(MNISTClassifier):
+    """:class:`MNISTClassifier` whose pruning scores come from the SNIP-it seed's scoring loss.
+
+    The seed's ``SNIP.get_weight_saliencies`` (models/criterions/SNIP.py, used by SNIP and SNIP-it) scores
+    with ``F.nll_loss(model(x), y)`` on the model's raw logits: minus the mean logit of the true class, not
+    the cross entropy it trains with. Here ``training_step`` returns that loss until the first training
+    batch starts (the pruning callbacks score before it), and cross entropy from then on.
+    """
+
+    scoring = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.scoring = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.scoring:
+            x, y = batch
+            return nn.functional.nll_loss(self(x), y)
+        return super().training_step(batch, batch_idx)
 
 
 class EpochTimer(pl.Callback):
@@ -223,7 +257,10 @@ def weight_sparsity(module: nn.Module) -> float:
 def run_one(config: dict[str, Any], data: MNISTDataModule) -> dict[str, Any]:
     started = time.perf_counter()
     pl.seed_everything(config["seed"], verbose=False)
-    model = MNISTClassifier(config["model"], lr=config["lr"], schedule=config["schedule"])
+    seedloss = config["method"].endswith("-seedloss")
+    model = (SeedScoringClassifier if seedloss else MNISTClassifier)(
+        config["model"], lr=config["lr"], schedule=config["schedule"]
+    )
     callbacks = make_callbacks(config, model)
     timer = EpochTimer()
     trainer = pl.Trainer(
@@ -452,6 +489,12 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
     failed = [r for r in runs.values() if r["status"] != "ok"]
     sessions = [s for s in records if s.get("kind") == "session" and s.get("runs")]
     env = (ok or failed or [{}])[-1].get("env", {})
+    # runs that finished after the second invocation started came from a later one (re-run or added)
+    starts = sorted(dt.datetime.fromisoformat(x["started"]) for x in sessions)
+    second = starts[1] if len(starts) > 1 else None
+
+    def later(r: dict[str, Any]) -> bool:
+        return second is not None and dt.datetime.fromisoformat(r["finished"]) >= second
 
     def cell(model: str, method: str, sparsity: float) -> list[dict[str, Any]]:
         return [
@@ -485,12 +528,19 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
             rs = cell(model, method, 0.0 if method == "dense" else s)
             errors = [r["test_error"] for r in rs]
             mark = "" if all(r["sparsity_ok"] for r in rs) else " ⚠"
+            mark += " †" if any(later(r) for r in rs) else ""
             cells.append(f"{mean_std(errors)} ({len(errors)}){mark}" if errors else "—")
         lines.append(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
     for method in ("dense", "snip"):
         paper = [PAPER.get((m, method, 0.0 if method == "dense" else s)) for m, s in columns]
         lines.append(f"| *paper: {METHOD_NAMES[method]}* | " + " | ".join(f"*{p}*" for p in paper) + " |")
     lines.append("")
+    if any(later(r) for r in ok):
+        lines += [
+            "† run (again) by an invocation after the first one (commands above, in order); the "
+            "other cells come from the first invocation.",
+            "",
+        ]
     lines.append(
         "The paper trained for 250k iterations (about 463 epochs of its 54k training images); the runs here "
         "are far shorter (below). The paper's rows are a reference for a much longer budget; the comparison "
@@ -536,6 +586,11 @@ def render(args: argparse.Namespace, records: list[dict[str, Any]], command: str
         "first optimizer step.",
         "- **random (one shot)**: `IterativeSNIPCallback(limit=s, criterion='random', steps=0, seed=seed)`, "
         "uniformly random weights over all layers at initialisation.",
+        "- **SNIP, seed's scoring loss** and **SNIP-it (before), seed's scoring loss**: "
+        "`SNIPCallback(limit=s, num_batches=5)` and **SNIP-it (before)**, with the scores computed "
+        "from the loss the SNIP-it seed scores with, `F.nll_loss` on the raw logits (minus the mean "
+        "true-class logit) instead of the cross entropy the model trains with; training is unchanged "
+        "(docs/fidelity.md explains why these rows exist).",
         "- **magnitude (SNIP-it schedule, during)**: `IterativeSNIPCallback(limit=s, criterion='magnitude', "
         "when='during', steps=5, prune_delay=0, prune_freq=1)`: global |w| ranking, one step of the same "
         "7-step schedule at the end of each of epochs 1–7, then training on at s for the remaining epochs.",

@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from lightning_prune.callbacks import (
+    AdversarialEvaluation,
     GroupHoyerSquareCallback,
     HoyerSquareCallback,
     IterativeSNIPCallback,
@@ -35,6 +36,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "AdversarialEvaluation",
     "ChannelGraph",
     "ChannelGroup",
     "GroupHoyerSquareCallback",

@@ -1,5 +1,6 @@
 """Lightning callbacks that prune and shrink."""
 
+from lightning_prune.callbacks.adversarial import AdversarialEvaluation, AdversarialReport
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.hoyer import GroupHoyerSquareCallback, HoyerSquareCallback
 from lightning_prune.callbacks.iterative import IterativeSNIPCallback, SNAPit, SNIPit
@@ -9,6 +10,8 @@ from lightning_prune.callbacks.slimming import SlimmingL1Callback
 from lightning_prune.callbacks.snip import SNIPCallback
 
 __all__ = [
+    "AdversarialEvaluation",
+    "AdversarialReport",
     "GroupHoyerSquareCallback",
     "HoyerSquareCallback",
     "IterativeSNIPCallback",
