@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from lightning_prune.callbacks import (
     IterativeSNIPCallback,
     PruningCallback,
+    SensitivityPruner,
     ShrinkOnFitEnd,
     SlimmingL1Callback,
     SNAPit,
@@ -44,6 +45,7 @@ __all__ = [
     "SNAPit",
     "SNIPCallback",
     "SNIPit",
+    "SensitivityPruner",
     "ShrinkOnFitEnd",
     "ShrinkReport",
     "SlimmingL1Callback",
