@@ -335,11 +335,11 @@ class SensitivityPruner(PruningCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Also refuse float16 with a gradient scaler (the strategy networks' gradients would stay scaled)."""
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and str(trainer.precision).startswith("16"):
+        if stage == "fit" and getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise PruningError(
                 f"{type(self).__name__} trains its strategy networks outside the module's optimizer, which "
-                f"float16 gradient scaling does not reach; got precision={trainer.precision!r}. Use "
-                "'32-true' or 'bf16-mixed'."
+                f"float16 gradient scaling does not reach; got precision={trainer.precision!r} with a "
+                "gradient scaler. Use '32-true' or 'bf16-mixed'."
             )
 
     @override

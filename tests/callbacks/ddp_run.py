@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_prune import IterativeSNIPCallback, SlimmingL1Callback, SNIPCallback
+from lightning_prune import IterativeSNIPCallback, SensitivityPruner, SlimmingL1Callback, SNIPCallback
 from tests.helpers.modules import TinyModule
 
 
@@ -50,6 +50,8 @@ if __name__ == "__main__":
             prune_freq=1,
             num_batches=2,
         )
+    elif mode == "sensitivity":  # two blocks (stem, residual blocks) of 1 epoch each, then a fine-tune epoch
+        pruner = SensitivityPruner(compression_rate=0.5, vote_window=2, beta_range=2)
     elif mode == "slimming":  # L1 on the BatchNorm scales, channels pruned by |γ| at the end of epoch 2
         pruner = SlimmingL1Callback(penalty=1e-3, limit=0.5, prune_at=2)
     else:

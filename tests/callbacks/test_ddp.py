@@ -15,7 +15,16 @@ from tests.helpers.modules import TinyModule
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
-@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during", "slimming"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "unstructured",
+        "structured",
+        "snapit-during",
+        "slimming",
+        pytest.param("sensitivity", marks=pytest.mark.slow),  # 83 s on the shared 2-core machine
+    ],
+)
 def test_two_ranks_agree(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
