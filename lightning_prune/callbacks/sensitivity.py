@@ -449,10 +449,10 @@ class SensitivityPruner(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finish a block due at the end of the last epoch; warn (and prune nothing more) if cut short."""
         self.prune_due(trainer, pl_module)
-        if self.active:
+        if self.block < len(self.block_groups):
             rank_zero_warn(
-                f"{type(self).__name__}: training stopped in block {self.block + 1} of "
-                f"{len(self.block_groups)}; its channels were not removed."
+                f"{type(self).__name__}: training stopped after {self.block} of {len(self.block_groups)} "
+                "blocks; the channels of the others were not removed."
             )
         self._teardown()
 
