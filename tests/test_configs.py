@@ -81,7 +81,9 @@ def test_slimming_three_stages_run(name, fake_root, no_md5, captured, tmp_path):
 
 
 SEED_CONFIGS = sorted(
-    str(p.relative_to(EXAMPLES)) for folder in ("snipit", "snip", "sensitivity") for p in (EXAMPLES / folder).glob("*.yaml")
+    str(p.relative_to(EXAMPLES))
+    for folder in ("snipit", "snip", "sensitivity")
+    for p in (EXAMPLES / folder).glob("*.yaml")
 )
 
 
@@ -94,6 +96,11 @@ def test_the_seed_commands_all_have_a_config():
         "snip_vgg16_bn_cifar10",
         "snip_resnet50_cifar10",
         "snip_mobilenetv2_cifar10",
+        "resnet56_cifar10",
+        "resnet56_cifar100",
+        "vgg16_cifar10",
+        "vgg16_cifar100",
+        "mobilenetv2_imagenette",
     } <= names
 
 
@@ -110,7 +117,8 @@ def test_seed_configs_run_on_fake_data(config, fake_root, no_md5, captured, tmp_
     for pruner in pruners:
         if getattr(pruner, "block_groups", None):  # SensitivityPruner: the first block ran its one batch
             assert pruner.iteration == 1 or pruner.block >= 1
-        if getattr(pruner, "when", None) == "before":  # "during" events are epochs away; a fast_dev_run only checks the wiring
+        # "during" events are epochs away; a fast_dev_run only checks the wiring
+        if getattr(pruner, "when", None) == "before":
             assert pruner.step == len(pruner.schedule)
     saved = tmp_path / "outputs" / Path(config).parent / Path(config).stem / "shrunk.pt"
     model = load_pruned_checkpoint(ImageClassifier, saved)
