@@ -10,14 +10,14 @@ of nodes (conv/linear output channels except the classifier's), `--keep`:
 - `sensitivity-trained`: the same with `reinit=False`: sensitivities on the network being trained, not
   on freshly initialised weights (the seed's choice);
 - `snap-it`: `SNAPit(limit=1 - keep)` before the first step (5 steps from 0.5), then `--epochs` epochs;
-- `l1-filter`: one-shot structured pruning by the L1 norm of each channel's producing weights (global
-  ranking), then `--epochs` epochs;
+- `l1-filter`: one-shot structured pruning by the `l1_norm` criterion (the filter's L1 norm ranked within
+  its layer, so every layer loses about the same fraction; EfficientConvNets), then `--epochs` epochs;
 - `random`: one-shot random channels (seeded), then `--epochs` epochs.
 
 Reported per method: held-out accuracy at the end (mean ± std over seeds), params and MACs of one example,
 the measured node kept fraction, wall time.
 
-    python benchmarks/sensitivity_compare.py --seeds 0 1 2 --out docs/benchmarks-sensitivity.md
+    python benchmarks/sensitivity_compare.py --out docs/benchmarks-sensitivity.md
 """
 
 from __future__ import annotations
