@@ -14,6 +14,9 @@ of nodes (conv/linear output channels except the classifier's), `--keep`:
   its layer, so every layer loses about the same fraction; EfficientConvNets), then `--epochs` epochs;
 - `random`: one-shot random channels (seeded), then `--epochs` epochs.
 
+With `--data mnist` (MNIST from `$LIGHTNING_PRUNE_DATA`, 10% held out), the network is LeNet-5-Caffe
+(`MNISTClassifier(arch="lenet5caffe")`, conv 20/50, linear 500: three prunable layers, three blocks).
+
 Reported per method: held-out accuracy at the end (mean ± std over seeds), params and MACs of one example,
 the measured node kept fraction, wall time.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import statistics
 import sys
 import time
@@ -35,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_prune import IterativeSNIPCallback, SensitivityPruner, SNAPit, model_stats
-from lightning_prune.examples import DigitsClassifier, DigitsDataModule
+from lightning_prune.examples import DigitsClassifier, DigitsDataModule, MNISTClassifier, MNISTDataModule
 
 METHODS = ("sensitivity", "sensitivity-trained", "snap-it", "l1-filter", "random")
 
@@ -53,8 +57,8 @@ def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
     )
 
 
-def nodes(module: DigitsClassifier) -> int:
-    layers = [m for m in module.model if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+def nodes(module: pl.LightningModule) -> int:
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     return sum(m.out_channels if isinstance(m, torch.nn.Conv2d) else m.out_features for m in layers[:-1])
 
 
@@ -75,18 +79,35 @@ def callback(method: str, args: argparse.Namespace, seed: int) -> pl.Callback:
     return IterativeSNIPCallback(limit=limit, structured=True, steps=0, criterion=criterion, seed=seed)
 
 
+def dataset(args: argparse.Namespace) -> pl.LightningDataModule:
+    if args.data == "digits":
+        return DigitsDataModule(batch_size=64, val_fraction=0.2, seed=0)
+    root = os.environ.get("LIGHTNING_PRUNE_DATA")
+    if not root:
+        raise SystemExit(
+            "--data mnist reads MNIST from $LIGHTNING_PRUNE_DATA (torchvision's layout); it is unset."
+        )
+    return MNISTDataModule(root=root, batch_size=100, val_fraction=0.1, download=False)
+
+
+def network(args: argparse.Namespace, lr: float) -> pl.LightningModule:
+    if args.data == "digits":
+        return DigitsClassifier(width=args.width, lr=lr)
+    return MNISTClassifier(arch="lenet5caffe", lr=lr)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     records = []
     for seed in args.seeds:
         pl.seed_everything(seed)
-        data = DigitsDataModule(batch_size=64, val_fraction=0.2, seed=0)
-        dense = DigitsClassifier(width=args.width, lr=0.05)
+        data = dataset(args)
+        dense = network(args, lr=0.05 if args.data == "digits" else 0.1)
         trainer(args.pretrain, []).fit(dense, datamodule=data)
         pretrained = copy.deepcopy(dense.state_dict())
         before = nodes(dense)
         for method in METHODS:
             pl.seed_everything(seed)
-            module = DigitsClassifier(width=args.width, lr=args.lr)
+            module = network(args, lr=args.lr)
             module.load_state_dict(pretrained)
             started = time.perf_counter()
             t = trainer(args.epochs, [callback(method, args, seed)])
@@ -143,8 +164,9 @@ def render(records: list[dict], args: argparse.Namespace, command: str, wall: fl
     head = [
         f"Command: `{command}`",
         "",
-        f"Seeds {args.seeds}; width {args.width}; pretrain {args.pretrain} epochs; then {args.epochs} "
-        f"epochs per method (lr {args.lr}, cosine), kept fraction {args.keep}; Sensitivity Pruner: "
+        f"Data {args.data}; seeds {args.seeds}; width {args.width} (digits); pretrain {args.pretrain} "
+        f"epochs; then {args.epochs} epochs per method (lr {args.lr}, cosine), kept fraction {args.keep}; "
+        "Sensitivity Pruner: "
         f"{args.epochs_per_block} epochs per block, beta_range {args.beta_range}, vote_window "
         f"{args.vote_window}. "
         f"Total wall time {wall / 60:.1f} min on a shared 2-core CPU (OMP_NUM_THREADS=1).",
@@ -156,6 +178,7 @@ def render(records: list[dict], args: argparse.Namespace, command: str, wall: fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--pretrain", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=24)
