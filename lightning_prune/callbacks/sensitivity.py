@@ -88,7 +88,7 @@ def top_fraction(scores: Mapping[str, torch.Tensor], rate: float, per_layer: boo
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), i))
+    order = torch.sort(-scores, stable=True).indices  # highest first, ties by index
     kept = torch.zeros(scores.numel(), dtype=torch.bool)
     kept[order[:k]] = True
     return kept
