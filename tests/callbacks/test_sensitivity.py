@@ -11,7 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_prune import PruningError, SensitivityPruner
-from lightning_prune.callbacks.sensitivity import adapt_lambda, auto_blocks, beta_value, top_fraction
+from lightning_prune.callbacks.sensitivity import (
+    _fresh_weights,
+    adapt_lambda,
+    auto_blocks,
+    beta_value,
+    top_fraction,
+)
 from tests.helpers.modules import TinyModule, synthetic_data, trainer
 
 
@@ -294,3 +300,42 @@ def test_resume_mid_block_ends_like_an_uninterrupted_run(tmp_path):
     for key in a:
         assert a[key].shape == b[key].shape, key
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fresh_weights_are_seeded_and_put_back():
+    net = TinyModule(arch="resnet").model
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    for _ in range(2):
+        with _fresh_weights(net, torch.Generator().manual_seed(7)):
+            seen.append(net.stem[0].weight.detach().clone())
+            assert not torch.equal(seen[-1], before["stem.0.weight"])
+            assert torch.equal(net.stem[1].weight, before["stem.1.weight"])  # norms keep theirs
+    torch.testing.assert_close(seen[0], seen[1])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_validation_inside_a_block_sees_the_voted_channels_zeroed(tmp_path):
+    cb = Recording(
+        compression_rate=0.5, vote_window=2, strategy_lr=1e-9, pinned={"model.stem.0": [1, 2, 6, 7]}
+    )
+    outputs = []
+
+    class Probe(pl.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, *args):
+            if cb.active and cb.voted and not outputs:
+                captured = {}
+                handle = pl_module.model.stem[1].register_forward_hook(
+                    lambda m, a, out: captured.update(y=out)
+                )
+                pl_module(torch.randn(2, 3, 8, 8))
+                handle.remove()
+                outputs.append(captured["y"])
+
+    pl.seed_everything(0)
+    module = TinyModule(arch="resnet", n=64, batch_size=8)
+    trainer(tmp_path, [cb, Probe()], max_epochs=2).fit(module)
+    (y,) = outputs  # the stem's BatchNorm output, gated after it by the hook registered first
+    assert torch.equal(y[:, [0, 3, 4, 5]], torch.zeros_like(y[:, [0, 3, 4, 5]]))
+    assert y[:, [1, 2, 6, 7]].abs().sum() > 0
