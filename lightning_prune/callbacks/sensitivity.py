@@ -372,6 +372,12 @@ class SensitivityPruner(PruningCallback):
     @override
     def prune_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Finish the blocks whose epochs are over, and start the next one."""
+        pruned = self._finish_due(trainer, pl_module)
+        if self.block < len(self.block_groups) and not self.active:
+            self._start_block(trainer, pl_module)
+        return pruned
+
+    def _finish_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         due = min(trainer.current_epoch // self.epochs_per_block, len(self.block_groups))
         pruned = False
         while self.block < due:
@@ -379,8 +385,6 @@ class SensitivityPruner(PruningCallback):
                 self._start_block(trainer, pl_module)
             self._finish_block(trainer, pl_module)
             pruned = True
-        if self.block < len(self.block_groups) and not self.active:
-            self._start_block(trainer, pl_module)
         return pruned
 
     @override
@@ -447,8 +451,8 @@ class SensitivityPruner(PruningCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Finish a block due at the end of the last epoch; warn (and prune nothing more) if cut short."""
-        self.prune_due(trainer, pl_module)
+        """Finish a block due at the end of the last epoch; warn (and start nothing more) if cut short."""
+        self._finish_due(trainer, pl_module)
         if self.block < len(self.block_groups):
             rank_zero_warn(
                 f"{type(self).__name__}: training stopped after {self.block} of {len(self.block_groups)} "

@@ -339,3 +339,12 @@ def test_validation_inside_a_block_sees_the_voted_channels_zeroed(tmp_path):
     (y,) = outputs  # the stem's BatchNorm output, gated after it by the hook registered first
     assert torch.equal(y[:, [0, 3, 4, 5]], torch.zeros_like(y[:, [0, 3, 4, 5]]))
     assert y[:, [1, 2, 6, 7]].abs().sum() > 0
+
+
+def test_training_cut_short_mid_block_warns_and_leaves_a_plain_network(tmp_path):
+    cb = SensitivityPruner(compression_rate=0.5, epochs_per_block=2, vote_window=2)
+    with pytest.warns(UserWarning, match=r"training stopped after 1 of 2 blocks"):
+        module = fit(tmp_path, cb, max_epochs=5, max_steps=20)  # 8 steps per epoch: stops in block 2
+    assert cb.block == 1 and hooks(module) == 0
+    assert module.model.stem[0].out_channels == 4  # block 1 (the stem's residual group) was pruned
+    assert module.model.blocks[0][0].out_channels == 8  # block 2 was not
