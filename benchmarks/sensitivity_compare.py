@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         trainer(args.pretrain, []).fit(dense, datamodule=data)
         pretrained = copy.deepcopy(dense.state_dict())
         before = nodes(dense)
-        for method in METHODS:
+        for method in args.methods:
             pl.seed_everything(seed)
             module = network(args, lr=args.lr)
             module.load_state_dict(pretrained)
@@ -152,7 +152,7 @@ def render(records: list[dict], args: argparse.Namespace, command: str, wall: fl
         "| method | accuracy (%) | params | MACs / example | nodes kept | wall time per run (s) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for method in ("dense (pretrained)", *METHODS):
+    for method in ("dense (pretrained)", *args.methods):
         rows = [r for r in records if r["method"] == method]
         kept = mean_std([r["kept"] for r in rows], 100, 1) + " %" if "kept" in rows[0] else "100 %"
         secs = mean_std([r["seconds"] for r in rows], 1, 1) if "seconds" in rows[0] else "–"
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vote-window", type=int, default=20)
     parser.add_argument("--keep", type=float, default=0.4)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
