@@ -44,17 +44,16 @@ from lightning_prune.examples import DigitsClassifier, DigitsDataModule, MNISTCl
 METHODS = ("sensitivity", "sensitivity-trained", "snap-it", "l1-filter", "random")
 
 
+QUIET = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
 def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    return pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, **QUIET)
 
 
 def nodes(module: pl.LightningModule) -> int:
