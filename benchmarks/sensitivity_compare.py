@@ -1,9 +1,9 @@
 """Sensitivity Pruner vs SNAP-it, L1-filter and random channel pruning on scikit-learn's digits.
 
 Protocol (CPU, reduced): per seed, `DigitsClassifier` (conv 1→w→2w→2w, linear 8w→4w→10) is trained dense
-for `--pretrain` epochs (the seed prunes a trained network). Every method then starts from a copy of those
-SAME weights and gets the SAME `--epochs` epochs (SGD lr `--lr`, cosine decay) and the same kept fraction
-of nodes (conv/linear output channels except the classifier's), `--keep`:
+for `--pretrain` epochs (SGD, `--pretrain-lr`; the seed prunes a trained network). Every method then
+starts from a copy of those SAME weights and gets the SAME `--epochs` epochs (SGD lr `--lr`, cosine decay)
+and the same kept fraction of nodes (conv/linear output channels except the classifier's), `--keep`:
 
 - `sensitivity`: `SensitivityPruner(compression_rate=keep)`, automatic blocks (the four prunable layers),
   `--epochs-per-block` epochs each, then the rest of the epochs fine-tune;
@@ -100,8 +100,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     for seed in args.seeds:
         pl.seed_everything(seed)
         data = dataset(args)
-        dense = network(args, lr=0.05 if args.data == "digits" else 0.1)
+        dense = network(args, lr=args.pretrain_lr or (0.05 if args.data == "digits" else 0.02))
         trainer(args.pretrain, []).fit(dense, datamodule=data)
+        if not all(torch.isfinite(p).all() for p in dense.parameters()):
+            raise SystemExit(f"seed {seed}: the dense pretraining diverged; lower --pretrain-lr.")
         pretrained = copy.deepcopy(dense.state_dict())
         before = nodes(dense)
         for method in args.methods:
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--pretrain", type=int, default=20)
+    parser.add_argument("--pretrain-lr", type=float, default=None, help="default: 0.05 digits, 0.02 mnist")
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--epochs-per-block", type=int, default=4)
     parser.add_argument("--beta-range", type=int, default=10)
