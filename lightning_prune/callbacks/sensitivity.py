@@ -393,7 +393,7 @@ class SensitivityPruner(PruningCallback):
     ) -> None:
         """Score the block's channels on this batch, set the indicators, back-propagate the L1 term."""
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if not self.active or self.nets is None:
+        if not self.active or not self.nets:
             return
         names = list(self.block_groups[self.block])
         sens = self._sensitivities(trainer, pl_module, batch, names)
@@ -511,11 +511,12 @@ class SensitivityPruner(PruningCallback):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + self.block)
             self.nets = nn.ModuleDict({_key(n): StrategyNet(groups[n].size) for n in names}).to(device)
-        self.optimizer = torch.optim.Adam(self.nets.parameters(), lr=self.strategy_lr)
+        # a block whose groups all shrank to one channel meanwhile has nothing left to learn
+        self.optimizer = torch.optim.Adam(self.nets.parameters(), lr=self.strategy_lr) if names else None
         if resumed:
             for key, net in self.nets.items():
                 net.load_state_dict(self._saved_nets[key])
-            if self._saved_optimizer is not None:
+            if self._saved_optimizer is not None and self.optimizer is not None:
                 self.optimizer.load_state_dict(self._saved_optimizer)
         else:
             self.iteration = self.window = 0
