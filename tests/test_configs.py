@@ -81,7 +81,9 @@ def test_slimming_three_stages_run(name, fake_root, no_md5, captured, tmp_path):
 
 
 SEED_CONFIGS = sorted(
-    str(p.relative_to(EXAMPLES)) for folder in ("snipit", "snip") for p in (EXAMPLES / folder).glob("*.yaml")
+    str(p.relative_to(EXAMPLES))
+    for folder in ("snipit", "snip", "sensitivity")
+    for p in (EXAMPLES / folder).glob("*.yaml")
 )
 
 
@@ -97,6 +99,11 @@ def test_the_seed_commands_all_have_a_config():
         "hoyersquare_resnet18_cifar10",
         "grouphoyersquare_vgg16_cifar10",
         "l0_vgg16_cifar10",
+        "resnet56_cifar10",
+        "resnet56_cifar100",
+        "vgg16_cifar10",
+        "vgg16_cifar100",
+        "mobilenetv2_imagenette",
     } <= names
 
 
@@ -111,9 +118,11 @@ def test_seed_configs_run_on_fake_data(config, fake_root, no_md5, captured, tmp_
     (cli,) = captured
     pruners = [cb for cb in cli.trainer.callbacks if isinstance(cb, PruningCallback)]
     for pruner in pruners:
+        if getattr(pruner, "block_groups", None):  # SensitivityPruner: the first block ran its one batch
+            assert pruner.iteration == 1 or pruner.block >= 1
         # "during" events are epochs away; a fast_dev_run only checks the wiring
         if getattr(pruner, "when", None) == "before":
             assert pruner.step == len(pruner.schedule)
     saved = tmp_path / "outputs" / Path(config).parent / Path(config).stem / "shrunk.pt"
     model = load_pruned_checkpoint(ImageClassifier, saved)
-    assert model(torch.zeros(2, *model.hparams.input_size)).shape == (2, 10)
+    assert model(torch.zeros(2, *model.hparams.input_size)).shape == (2, model.hparams.num_classes)

@@ -130,6 +130,40 @@ class ThresholdReport(Sparsity):
 
 
 @dataclass(frozen=True)
+class BlockReport(Sparsity):
+    """After the Sensitivity Pruner removed the channels of one block.
+
+    Attributes:
+        block: Blocks finished so far (1 after the first).
+        blocks: Blocks in all.
+        channels: Channels of the block's groups before the removal.
+        kept: Channels of the block's groups kept.
+        corrections: Channels whose fate the exact budget decided against the vote (kept although voted
+            out, or removed although voted in).
+        macs: MACs of one forward pass with the example inputs, after the removal.
+        seconds: Wall time of the removal (vote, plan, surgery).
+    """
+
+    block: int
+    blocks: int
+    channels: int
+    kept: int
+    corrections: int
+    macs: int
+    seconds: float
+
+    def metrics(self) -> dict[str, float]:
+        """Adds ``sensitivity/block``, ``…/kept``, ``…/corrections``, ``prune/macs`` and ``prune/seconds``."""
+        return super().metrics() | {
+            "sensitivity/blocks_done": float(self.block),
+            "sensitivity/kept": float(self.kept),
+            "sensitivity/corrections": float(self.corrections),
+            "prune/macs": float(self.macs),
+            "prune/seconds": float(self.seconds),
+        }
+
+
+@dataclass(frozen=True)
 class Figures:
     """What a model costs, as :class:`~lightning_prune.ShrinkOnFitEnd` measures it.
 

@@ -13,6 +13,7 @@ from lightning_prune import (
     HoyerSquareCallback,
     IterativeSNIPCallback,
     L0Callback,
+    SensitivityPruner,
     SlimmingL1Callback,
     SNIPCallback,
 )
@@ -63,6 +64,8 @@ if __name__ == "__main__":
         pruner = GroupHoyerSquareCallback(penalty=1e-3, threshold=0.2, prune_delay=1, prune_freq=1)
     elif mode == "l0":  # gates trained on both ranks' data, folded and closed channels removed at the end
         pruner = L0Callback(penalty=0.05, gate_lr=0.5)
+    elif mode == "sensitivity":  # two blocks (stem, residual blocks) of 1 epoch each, then a fine-tune epoch
+        pruner = SensitivityPruner(compression_rate=0.5, vote_window=2, beta_range=2)
     elif mode == "slimming":  # L1 on the BatchNorm scales, channels pruned by |γ| at the end of epoch 2
         pruner = SlimmingL1Callback(penalty=1e-3, limit=0.5, prune_at=2)
     else:

@@ -29,7 +29,16 @@ def two_ranks(tmp_path, mode):
     return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
 
-@pytest.mark.parametrize("mode", ["unstructured", "structured", "snapit-during", "slimming"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "unstructured",
+        "structured",
+        "snapit-during",
+        "slimming",
+        pytest.param("sensitivity", marks=pytest.mark.slow),  # 83 s on the shared 2-core machine
+    ],
+)
 def test_two_ranks_agree(tmp_path, mode):
     a, b = two_ranks(tmp_path, mode)
     assert a.keys() == b.keys()
