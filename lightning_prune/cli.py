@@ -142,7 +142,9 @@ def pick_num_threads(setting: int | str | None, model: torch.nn.Module | None) -
         True
     """
     if setting == "auto":
-        tiny = model is not None and sum(p.numel() for p in model.parameters()) < TINY_MODEL_PARAMS
+        params = list(model.parameters()) if model is not None else []
+        lazy = any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in params)
+        tiny = model is not None and not lazy and sum(p.numel() for p in params) < TINY_MODEL_PARAMS
         if tiny and not os.environ.get("OMP_NUM_THREADS", "").strip():
             torch.set_num_threads(1)
     elif isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1:

@@ -258,6 +258,8 @@ def test_auto_threads_pick_one_for_tiny_models_unless_omp_num_threads_is_set(res
     torch.set_num_threads(2)
     big = torch.nn.Linear(1000, cli_module.TINY_MODEL_PARAMS // 1000)  # just over the limit with the bias
     assert cli_module.pick_num_threads("auto", big) == 2
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(3))  # size unknown until the first batch: not called tiny
+    assert cli_module.pick_num_threads("auto", lazy) == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert cli_module.pick_num_threads("auto", torch.nn.Linear(10, 10)) == 2
     assert cli_module.pick_num_threads(3, None) == 3

@@ -102,6 +102,7 @@ class PruningCallback(Callback):
             "initial": dict(self.initial),
             "tied": dict(self.tied),
             "refused_groups": dict(self.refused_groups),
+            "node_layers": list(self._node_layers),  # what node sparsity counts, fixed at the first fit
         }
 
     @override
@@ -112,6 +113,7 @@ class PruningCallback(Callback):
         self.initial = dict(state_dict.get("initial", {}))
         self.tied = dict(state_dict.get("tied", {}))
         self.refused_groups = dict(state_dict.get("refused_groups", {}))
+        self._node_layers = list(state_dict.get("node_layers", []))
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     @override

@@ -86,8 +86,9 @@ class L0Callback(PrunesOnce):
     producers. In training, one hard-concrete sample per channel and batch
     (:func:`sample_gates`, ``β = 2/3``, ``γ = −0.1``, ``ζ = 1.1``); in evaluation the deterministic gates
     :func:`deterministic_gates`. The ``log α`` are an extra parameter group of the (first) optimizer
-    (learning rate ``gate_lr``, no weight decay; a scheduler that scales every group's rate, such as
-    ``StepLR``, scales it too, one with fixed base rates, such as ``CosineAnnealingLR``, leaves it),
+    (learning rate ``gate_lr``, no weight decay; the optimizer's schedulers are extended to it, so that it
+    follows the first group's schedule scaled to start at ``gate_lr``: ``StepLR``, ``CosineAnnealingLR``,
+    ``OneCycleLR``, ``LambdaLR``, ``ReduceLROnPlateau`` ...),
     averaged over ranks under DDP, clamped to ``[log 0.01, log 100]`` after every step, and saved in
     checkpoints.
 
@@ -223,6 +224,9 @@ class L0Callback(PrunesOnce):
         optimizer = trainer.optimizers[0]
         lr = self.gate_lr if self.gate_lr is not None else optimizer.param_groups[0]["lr"]
         optimizer.add_param_group({"params": list(self.log_alpha.values()), "lr": lr, "weight_decay": 0.0})
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is optimizer:
+                _follow_schedule(config.scheduler, optimizer, lr)
         self._attach_gates(pl_module)
 
     def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
@@ -434,3 +438,22 @@ class L0Callback(PrunesOnce):
 
 def _eval_outputs(module: nn.Module, example: Any) -> list[torch.Tensor]:
     return [t.detach().clone() for t in eval_outputs(module, example)]
+
+
+def _follow_schedule(scheduler: Any, optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Extend ``scheduler``'s per-group settings to the group just added (the gates), scaled by its rate.
+
+    Schedulers keep one entry per parameter group (``base_lrs``, ``max_lrs``, ``lr_lambdas``, ``min_lrs``
+    of ``ReduceLROnPlateau``; the keys a scheduler adds to the groups, such as ``OneCycleLR``'s);
+    a group added after they were built would make them fail at their first step.
+    """
+    first, new = optimizer.param_groups[0], optimizer.param_groups[-1]
+    ratio = lr / first["lr"] if first["lr"] else 1.0
+    for key, value in first.items():
+        if key not in new:  # e.g. OneCycleLR's initial_lr, max_lr, min_lr (scaled), max/base_momentum
+            new[key] = value * ratio if key.endswith("lr") and isinstance(value, float | int) else value
+    groups = len(optimizer.param_groups)
+    for attr, scale in (("base_lrs", ratio), ("max_lrs", ratio), ("min_lrs", 1.0), ("lr_lambdas", None)):
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list) and len(values) == groups - 1 and values:
+            values.append(values[0] if scale is None else values[0] * scale)

@@ -65,7 +65,8 @@ def top_fraction(scores: Mapping[str, torch.Tensor], rate: float, per_layer: boo
     """Keep the highest ``rate`` of the channels: per layer, or in one ranking over all layers.
 
     Per layer, each layer keeps ``max(1, round(rate · n))`` channels; globally, ``max(1, round(rate · N))``
-    channels of all ``N`` are kept and a layer left without one keeps its best. Ties go to lower indices.
+    channels of all ``N`` are kept (at least one per layer): a layer left without one keeps its best, in
+    place of the lowest-scoring channel kept elsewhere. Ties go to lower indices.
 
     Returns:
         Layer name → bool tensor (True = kept), on the CPU.
@@ -79,11 +80,18 @@ def top_fraction(scores: Mapping[str, torch.Tensor], rate: float, per_layer: boo
     if per_layer:
         return {n: _top(s, max(1, round(rate * s.numel()))) for n, s in cpu.items()}
     flat = torch.cat(list(cpu.values()))
-    kept_all = _top(flat, max(1, round(rate * flat.numel())))
+    budget = max(1, round(rate * flat.numel()), len(cpu))
+    kept_all = _top(flat, budget)
     out = dict(zip(cpu, kept_all.split([s.numel() for s in cpu.values()]), strict=True))
     for n, kept in out.items():
         if not kept.any():
             kept[int(torch.argmax(cpu[n]))] = True
+    while sum(int(k.sum()) for k in out.values()) > budget:  # the rescued channels come out of the budget
+        spare = [
+            (float(cpu[n][c]), n, int(c)) for n, k in out.items() if k.sum() > 1 for c in torch.nonzero(k)
+        ]
+        _, n, c = min(spare)
+        out[n][c] = False
     return out
 
 
@@ -254,6 +262,9 @@ class SensitivityPruner(PruningCallback):
         # progress (in the checkpoint)
         self.block_groups: list[list[str]] = []  # group names of every block, fixed at the first fit
         self.block = 0  # blocks finished
+        self.start_epoch = (
+            0  # the epoch the first fit started at: block b trains epochs start + b·epochs_per_block …
+        )
         self.active = False  # the current block has started
         self.iteration = 0  # training iterations of the current block
         self.window = 0  # iterations in the current vote window
@@ -300,6 +311,7 @@ class SensitivityPruner(PruningCallback):
             **super().state_dict(),
             "block_groups": [list(b) for b in self.block_groups],
             "block": self.block,
+            "start_epoch": self.start_epoch,
             "active": self.active,
             "iteration": self.iteration,
             "window": self.window,
@@ -318,6 +330,7 @@ class SensitivityPruner(PruningCallback):
         super().load_state_dict(state_dict)
         self.block_groups = [list(b) for b in state_dict.get("block_groups", [])]
         self.block = int(state_dict.get("block", 0))
+        self.start_epoch = int(state_dict.get("start_epoch", 0))
         self.active = bool(state_dict.get("active", False))
         self.iteration = int(state_dict.get("iteration", 0))
         self.window = int(state_dict.get("window", 0))
@@ -351,13 +364,14 @@ class SensitivityPruner(PruningCallback):
             self._node_layers = [n for n in self._layers if n not in graph.output_layers]
             self.sparsity(pl_module)  # record the counts before pruning
             self.block_groups = self._split(graph)
-        budget = len(self.block_groups) * self.epochs_per_block
+            self.start_epoch = trainer.current_epoch  # blocks count from here (a fit from a pretrained ckpt)
+        budget = self.start_epoch + len(self.block_groups) * self.epochs_per_block
         if not trainer.fast_dev_run and trainer.max_epochs is not None and trainer.max_epochs > 0:
             if trainer.max_epochs < budget:
                 raise PruningError(
                     f"{owner}: {len(self.block_groups)} blocks × epochs_per_block={self.epochs_per_block} "
-                    f"need {budget} epochs, but max_epochs={trainer.max_epochs}: raise max_epochs, lower "
-                    "epochs_per_block or merge blocks."
+                    f"from epoch {self.start_epoch} need max_epochs >= {budget}, but max_epochs="
+                    f"{trainer.max_epochs}: raise max_epochs, lower epochs_per_block or merge blocks."
                 )
             if trainer.max_epochs == budget:
                 rank_zero_warn(
@@ -377,12 +391,21 @@ class SensitivityPruner(PruningCallback):
             self._start_block(trainer, pl_module)
         return pruned
 
-    def _finish_due(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        due = min(trainer.current_epoch // self.epochs_per_block, len(self.block_groups))
+    def _finish_due(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, at_end: bool = False
+    ) -> bool:
+        """Finish the blocks whose epochs are over; at the end of training only one that ran all its batches.
+
+        A block that never trained (iteration 0) is never finished: its vote would be empty.
+        """
+        due = min((trainer.current_epoch - self.start_epoch) // self.epochs_per_block, len(self.block_groups))
         pruned = False
         while self.block < due:
             if not self.active:
                 self._start_block(trainer, pl_module)
+            full = self._iterations_per_epoch * self.epochs_per_block
+            if self.iteration == 0 or (at_end and (trainer.fast_dev_run or self.iteration < full)):
+                break  # cut short (max_steps, fast_dev_run, a stop mid-epoch): not pruned on a partial vote
             self._finish_block(trainer, pl_module)
             pruned = True
         return pruned
@@ -452,7 +475,7 @@ class SensitivityPruner(PruningCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finish a block due at the end of the last epoch; warn (and start nothing more) if cut short."""
-        self._finish_due(trainer, pl_module)
+        self._finish_due(trainer, pl_module, at_end=True)
         if self.block < len(self.block_groups):
             rank_zero_warn(
                 f"{type(self).__name__}: training stopped after {self.block} of {len(self.block_groups)} "
@@ -565,11 +588,13 @@ class SensitivityPruner(PruningCallback):
                 return None
             factor = None
             for group, positions, channels, size in gates:
-                if _module.training:
-                    if not self._gating or group not in self._indicators:
+                if (
+                    self._gating
+                ):  # a training step: the soft indicators (also through a frozen, eval-mode norm)
+                    if group not in self._indicators:
                         continue
                     values = self._indicators[group]
-                elif group in self.voted:
+                elif group in self.voted:  # validation and other forwards: the last vote
                     values = (self.voted[group] > 0.5).to(out.device, torch.float32)
                 else:
                     continue
@@ -718,6 +743,14 @@ class SensitivityPruner(PruningCallback):
         self._handles = []
 
     def _teardown(self) -> None:
+        """Remove hooks and strategy networks (their weights stay in the state: a later fit rebuilds them)."""
+        if self.nets is not None:
+            self._saved_nets = {
+                _key(n): {k: v.detach().cpu() for k, v in net.state_dict().items()}
+                for n, net in self._net_items()
+            }
+            self._saved_optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
+            self.nets, self.optimizer = None, None
         self._remove_hooks()
         self._indicators = {}
         self._gating = False

@@ -202,3 +202,33 @@ def test_pickles_before_and_after_fit(tmp_path):
     assert clone.pruned and clone.report == l0.report
     for group, value in l0.log_alpha.items():
         torch.testing.assert_close(clone.log_alpha[group].detach(), value.detach())
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "plateau", "lambda"])
+def test_the_gates_follow_schedulers_that_keep_per_group_state(tmp_path, schedule):
+    class Scheduled(TinyModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            if schedule == "onecycle":
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            if schedule == "plateau":
+                sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, min_lr=[1e-4])
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "train_loss"}}
+            return {
+                "optimizer": opt,
+                "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e),
+            }
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    torch.manual_seed(0)
+    fit = trainer(tmp_path, [L0Callback(penalty=1e-3, gate_lr=0.2)], max_epochs=3, limit_val_batches=0)
+    fit.fit(Scheduled())
+    first, gates = fit.optimizers[0].param_groups
+    start = first.get("initial_lr", 0.1)  # OneCycleLR starts at max_lr / 25
+    assert gates["lr"] == pytest.approx(first["lr"] * 0.2 / start)  # the first group's schedule, from gate_lr
+    assert gates["lr"] != pytest.approx(0.2)  # and it did move
