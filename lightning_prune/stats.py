@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.utils.flop_counter import FlopCounterMode
@@ -281,16 +282,11 @@ def in_mode(model: nn.Module, example_inputs: ExampleInputs, mode: str) -> tuple
     if mode == "compile":
         return torch.compile(twin), example_inputs
 
-    def nhwc(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() == 4:
-            return value.contiguous(memory_format=torch.channels_last)
-        if isinstance(value, Mapping):
-            return {k: nhwc(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(nhwc(v) for v in value)
-        return value
+    def nhwc(value: torch.Tensor) -> torch.Tensor:
+        return value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
 
-    return twin.to(memory_format=torch.channels_last), nhwc(example_inputs)
+    inputs = apply_to_collection(example_inputs, torch.Tensor, nhwc)
+    return twin.to(memory_format=torch.channels_last), inputs
 
 
 def _latency(

@@ -308,6 +308,19 @@ class PruningCallback(Callback):
     from_rank_zero = staticmethod(_trainer.from_rank_zero)
 
     # -- physical shrinking inside fit ---------------------------------------------------------------------
+    def channel_graph(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, measure: bool = False
+    ) -> ChannelGraph:
+        """The module's channel groups; unselected conv/linear layers and refused groups are kept whole.
+
+        ``measure``: also count params and MACs in the trace.
+        """
+        selected = set(self._layers)
+        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
+        frozen += list(self.refused_groups)
+        example = self.example_inputs(trainer, pl_module)
+        return ChannelGraph(pl_module, example, frozen=frozen, measure=measure)
+
     def shrink_in_fit(
         self,
         trainer: pl.Trainer,

@@ -319,20 +319,11 @@ class GroupHoyerSquareCallback(_HoyerCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers; check that some channel group can be cut."""
         super().on_fit_start(trainer, pl_module)
-        if not self.pruned and not self._groups(self._graph(trainer, pl_module)):
+        if not self.pruned and not self._groups(self.channel_graph(trainer, pl_module)):
             raise PruningError(
                 f"{type(self).__name__}: no channel group of {type(pl_module).__name__} can be pruned "
                 "(layers producing the model output and layers not selected are kept whole)."
             )
-
-    def _graph(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, measure: bool = False
-    ) -> ChannelGraph:
-        selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
-        frozen += list(self.refused_groups)
-        example = self.example_inputs(trainer, pl_module)
-        return ChannelGraph(pl_module, example, frozen=frozen, measure=measure)
 
     @staticmethod
     def _groups(graph: ChannelGraph) -> list[ChannelGroup]:
@@ -340,7 +331,7 @@ class GroupHoyerSquareCallback(_HoyerCallback):
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Remove every channel whose producing weights are all at or below ``threshold``."""
-        graph = self._graph(trainer, pl_module, measure=True)
+        graph = self.channel_graph(trainer, pl_module, measure=True)
         self._node_layers = [n for n in self._layers if n not in graph.output_layers]
         self.sparsity(pl_module)  # counts before pruning
         plan = {}

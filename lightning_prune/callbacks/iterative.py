@@ -21,7 +21,6 @@ from lightning_prune.errors import PruningError
 from lightning_prune.schedules import snipit_schedule
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGraph, Removal, lowest_channels, node_weights
-from lightning_prune.structure.layers import is_root
 
 WHEN = ("before", "during")
 
@@ -283,7 +282,7 @@ class IterativeSNIPCallback(PruningCallback):
             for _ in self.loss_stream(trainer, pl_module, batch)():  # `training_step` returns a usable loss
                 pass
         if self.structured:
-            graph = self._graph(trainer, pl_module)
+            graph = self.channel_graph(trainer, pl_module)
             if not any(g.prunable and g.size > 1 for g in graph.groups):
                 raise _nothing_prunable(owner, pl_module, graph)
 
@@ -386,18 +385,11 @@ class IterativeSNIPCallback(PruningCallback):
             offset += w.numel()
         self.set_masks(pl_module, masks)
 
-    def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
-        """The channel groups of the module, with every conv/linear layer not selected kept whole."""
-        selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
-        frozen += list(self.refused_groups)
-        return ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
-
     def _prune_nodes(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: ScoringInputs, target: float
     ) -> None:
         owner = type(self).__name__
-        graph = self._graph(trainer, pl_module)
+        graph = self.channel_graph(trainer, pl_module)
         outputs = graph.output_layers
         self._node_layers = [n for n in self._layers if n not in outputs]
         before = self.sparsity(pl_module).node_sparsity

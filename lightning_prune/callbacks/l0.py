@@ -17,7 +17,7 @@ from lightning_prune.callbacks.base import PrunesOnce, PruningCallback
 from lightning_prune.callbacks.reports import ThresholdReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
-from lightning_prune.structure import ChannelGraph, ChannelGroup
+from lightning_prune.structure import ChannelGroup
 from lightning_prune.structure.graph import eval_outputs
 from lightning_prune.structure.layers import is_root
 from lightning_prune.structure.plan import spare_one_per_layer
@@ -193,7 +193,7 @@ class L0Callback(PrunesOnce):
                 f"{owner} cannot share a fit with other callbacks that shrink during training ({others}): "
                 "its gates are laid out on the channels of the network as it is at the start of fit."
             )
-        graph = self._graph(trainer, pl_module)
+        graph = self.channel_graph(trainer, pl_module)
         groups = [g for g in graph.groups if g.prunable and g.size > 1]
         if not groups:
             raise PruningError(
@@ -228,11 +228,6 @@ class L0Callback(PrunesOnce):
             if config.scheduler.optimizer is optimizer:
                 _follow_schedule(config.scheduler, optimizer, lr)
         self._attach_gates(pl_module)
-
-    def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
-        selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
-        return ChannelGraph(pl_module, self.example_inputs(trainer, pl_module), frozen=frozen)
 
     def _layout(self, pl_module: nn.Module, groups: Sequence[ChannelGroup]) -> None:
         """Where each group's gates apply (norm outputs, else producer outputs) and what they count."""
@@ -374,7 +369,7 @@ class L0Callback(PrunesOnce):
         gated = _eval_outputs(pl_module, example)
         self._fold(pl_module)
         self._detach_gates()
-        graph = self._graph(trainer, pl_module)
+        graph = self.channel_graph(trainer, pl_module)
         self._node_layers = [n for n in self._layers if n not in graph.output_layers]
         self.sparsity(pl_module)  # counts before removal
         shapes = graph._shapes()

@@ -300,13 +300,7 @@ class SensitivityPruner(PruningCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """See :meth:`PruningCallback.state_dict`; adds the block, the strategy networks and the schedules."""
-        nets = self._saved_nets
-        if self.nets is not None:
-            nets = {
-                _key(n): {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                for n, net in self._net_items()
-            }
-        optimizer = self.optimizer.state_dict() if self.optimizer is not None else self._saved_optimizer
+        nets, optimizer = self._nets_state()
         return {
             **super().state_dict(),
             "block_groups": [list(b) for b in self.block_groups],
@@ -360,7 +354,7 @@ class SensitivityPruner(PruningCallback):
         """Split the groups into blocks (first fit), check the epoch budget, rebuild a resumed block."""
         owner = type(self).__name__
         if not self.block_groups:
-            graph = self._graph(trainer, pl_module)
+            graph = self.channel_graph(trainer, pl_module)
             self._node_layers = [n for n in self._layers if n not in graph.output_layers]
             self.sparsity(pl_module)  # record the counts before pruning
             self.block_groups = self._split(graph)
@@ -491,13 +485,6 @@ class SensitivityPruner(PruningCallback):
         self._teardown()
 
     # -- blocks ----------------------------------------------------------------------------------------------
-    def _graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ChannelGraph:
-        selected = set(self._layers)
-        frozen = [n for n, m in pl_module.named_modules() if is_root(m) and n not in selected]
-        return ChannelGraph(
-            pl_module, self.example_inputs(trainer, pl_module), frozen=[*frozen, *self.refused_groups]
-        )
-
     def _split(self, graph: ChannelGraph) -> list[list[str]]:
         owner = type(self).__name__
         names = [g.name for g in graph.groups if g.prunable and g.size > 1]
@@ -525,7 +512,7 @@ class SensitivityPruner(PruningCallback):
         return blocks
 
     def _start_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule, resumed: bool = False) -> None:
-        graph = self._graph(trainer, pl_module)
+        graph = self.channel_graph(trainer, pl_module)
         groups = {g.name: g for g in graph.groups if g.prunable and g.size > 1}
         names = [n for n in self.block_groups[self.block] if n in groups]
         self.block_groups[self.block] = names
@@ -688,7 +675,7 @@ class SensitivityPruner(PruningCallback):
             self._vote(trainer)
         self._remove_hooks()
         names = list(self.block_groups[self.block])
-        graph = self._graph(trainer, pl_module)
+        graph = self.channel_graph(trainer, pl_module)
         groups = {g.name: g for g in graph.groups}
         names = [n for n in names if n in groups and groups[n].prunable and groups[n].size > 1]
         priority = {n: self.voted.get(n, torch.zeros(groups[n].size)).double() for n in names}
@@ -742,14 +729,20 @@ class SensitivityPruner(PruningCallback):
             h.remove()
         self._handles = []
 
+    def _nets_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any] | None]:
+        """The strategy networks' weights (CPU) and their optimizer's state; the saved ones between fits."""
+        if self.nets is None:
+            return self._saved_nets, self._saved_optimizer
+        nets = {
+            _key(n): {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            for n, net in self._net_items()
+        }
+        return nets, self.optimizer.state_dict() if self.optimizer is not None else None
+
     def _teardown(self) -> None:
         """Remove hooks and strategy networks (their weights stay in the state: a later fit rebuilds them)."""
         if self.nets is not None:
-            self._saved_nets = {
-                _key(n): {k: v.detach().cpu() for k, v in net.state_dict().items()}
-                for n, net in self._net_items()
-            }
-            self._saved_optimizer = self.optimizer.state_dict() if self.optimizer is not None else None
+            self._saved_nets, self._saved_optimizer = self._nets_state()
             self.nets, self.optimizer = None, None
         self._remove_hooks()
         self._indicators = {}

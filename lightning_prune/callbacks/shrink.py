@@ -156,6 +156,7 @@ class ShrinkOnFitEnd(Callback):
         ``save_path``'s folder is created and a temporary file written and removed there.
         """
         self._inputs = None
+        self.unavailable = {}
         if stage != "fit":
             return
         refuse_sharding("ShrinkOnFitEnd", trainer.strategy)

@@ -12,7 +12,7 @@ the plan's.
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_prune._inputs import ExampleInputs, call_model
-from lightning_prune.stats import _eval_mode
+from lightning_prune.stats import _eval_mode, latency_samples
 from lightning_prune.structure.graph import ChannelGraph, emptied_by
 from lightning_prune.structure.layers import is_root
 from lightning_prune.structure.plan import node_weights
@@ -81,7 +81,7 @@ def latency_aware_kept(
     units, counts, bounds, cost = {}, {}, {}, {}
     for name in cut:
         group = groups[name]
-        unit = max(round_to // _gcd(round_to, group.ties), 1)
+        unit = max(round_to // math.gcd(round_to, group.ties), 1)
         kept = group.size - len(plan[name])
         units[name], counts[name] = unit, kept
         bounds[name] = (max(unit, kept - window * unit), min(group.size // unit * unit, kept + window * unit))
@@ -129,12 +129,6 @@ def latency_aware_kept(
         if kept != group.size - len(plan[name]) and emptied_by(group, removed, shapes) is None:
             out[name] = removed
     return out
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def _planned_dims(
@@ -242,17 +236,7 @@ def _layer_seconds(d: _Dims, out: int, inp: int, repeats: int) -> float:
     if layer.weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         fresh = fresh.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 2):
-            if weight.device.type == "cuda":
-                torch.cuda.synchronize(weight.device)
-            start = time.perf_counter()
-            fresh(x)
-            if weight.device.type == "cuda":
-                torch.cuda.synchronize(weight.device)
-            if i >= 2:  # two warm-up calls
-                times.append(time.perf_counter() - start)
+    times = latency_samples(fresh, x, warmup=2, repeats=repeats)
     _CACHE[key] = min(times)  # contention only ever adds time: the fastest call is the least noisy
     return _CACHE[key]
 
