@@ -181,8 +181,10 @@ class Engine:
             return [self._item(dep, idxs, roots) for dep, idxs, roots in entries]
         with _refresh_only(self._dg, self._stale):
             group = self._group(root, channels)
-        items = self._items(group)
         group.prune(record_history=False)
+        # Listed after the prune: pruning a free parameter (an RMSNorm scale) replaces its object, and only
+        # the new one is in the engine's name table, so the removal names every tensor it cut.
+        items = self._items(group)
         self._stale = (self._stale or set()) | {i.node for i in items if i.node.type in _REFRESH}
         return items
 

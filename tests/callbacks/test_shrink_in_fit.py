@@ -77,3 +77,35 @@ def test_state_of_kept_channels_survives_a_shrink(tmp_path, optimizer):
         opt = module.trainer.optimizers[0]
         step = next(iter(opt.state.values()))["step"]
         assert float(step) == 12  # Adam's step counter continued across the shrink
+
+
+def test_free_parameters_in_a_pruned_group_are_named_in_the_removals_and_their_optimizer_state_cut(tmp_path):
+    """LLaMA's RMSNorm scales are free parameters of the hidden-size group: the engine replaces their
+    objects when it cuts them, and the surgery must still report them (Adam's moments follow)."""
+    pytest.importorskip("transformers")
+    from lightning_prune import SNAPit
+    from tests.callbacks.test_tied import CausalLM
+
+    pl.seed_everything(0)
+    module = CausalLM("llama")
+    norms = {n for n, _ in module.named_parameters() if n.endswith("norm.weight")}
+    cut = []
+
+    class Record(pl.Callback):
+        def on_shrink(self, removals):
+            cut.extend(r.param for r in removals)
+
+    fit = trainer(
+        tmp_path,
+        [SNAPit(limit=0.5, when="during", steps=1, prune_delay=1, prune_freq=1), Record()],
+        max_epochs=4,
+        limit_train_batches=2,
+    )
+    fit.fit(module)
+    hidden = module.model.model.norm.weight.shape[0]
+    assert hidden < 32 and norms <= set(cut)  # the hidden size was cut, and every scale with it
+    opt = fit.optimizers[0]
+    for p in module.parameters():
+        for value in opt.state[p].values():
+            if isinstance(value, torch.Tensor) and value.dim():
+                assert value.shape == p.shape
