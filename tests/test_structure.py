@@ -303,3 +303,14 @@ def test_a_frozen_model_on_token_ids_is_traced_counted_and_stays_frozen():
     assert report.removed == {"block.linear1": 10} and report.before.macs == dense.macs
     assert not any(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(eval_outputs(model, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_channel_dim_of_a_layer_norm_output_follows_its_layout():
+    """nn.LayerNorm normalizes the last dim; timm's LayerNorm2d subclasses it and normalizes NCHW maps."""
+    from lightning_prune.structure.layers import output_channels
+
+    timm_layers = pytest.importorskip("timm.layers")
+    size, dim = output_channels(timm_layers.LayerNorm2d(40))
+    assert (size, dim(torch.zeros(2, 40, 16, 16))) == (40, 1)
+    size, dim = output_channels(nn.LayerNorm(40))
+    assert dim(torch.zeros(2, 16, 16, 40)) == 3 and dim(torch.zeros(2, 9, 40)) == 2

@@ -131,7 +131,19 @@ def _linear_resize(module: nn.Module, shape: Shapes):
 
 
 def _last_dim_outputs(size: Callable[[nn.Module], int]) -> Outputs:
-    return lambda module: (size(module), lambda out: out.dim() - 1)
+    """Channels last (a LayerNorm's features), or at dim 1 for NCHW subclasses; the output's shape tells.
+
+    timm's ``LayerNorm2d`` subclasses ``nn.LayerNorm`` and permutes inside its forward.
+    """
+
+    def outputs(module: nn.Module) -> tuple[int, Callable[[torch.Tensor], int]]:
+        n = size(module)
+        return (
+            n,
+            lambda out: 1 if out.dim() > 2 and out.shape[-1] != n and out.shape[1] == n else out.dim() - 1,
+        )
+
+    return outputs
 
 
 # -- transformers' Conv1D (GPT-2): a linear layer with its weight stored (in, out) ------------------------
