@@ -19,7 +19,7 @@ from lightning_prune.errors import PruningError
 from lightning_prune.stats import model_stats
 from lightning_prune.structure import ChannelGroup
 from lightning_prune.structure.graph import eval_outputs
-from lightning_prune.structure.layers import is_root
+from lightning_prune.structure.layers import is_root, output_channels
 from lightning_prune.structure.plan import spare_one_per_layer
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # temperature and stretch interval of the hard-concrete distribution
@@ -65,10 +65,6 @@ def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
         [0.0, 0.5, 1.0]
     """
     return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-
-
-def _channel_dim(module: nn.Module) -> int:
-    return -1 if isinstance(module, nn.Linear | nn.LayerNorm) else 1
 
 
 class L0Callback(PrunesOnce):
@@ -281,7 +277,7 @@ class L0Callback(PrunesOnce):
 
     def _shape(self, module: nn.Module, output: torch.Tensor) -> list[int]:
         shape = [1] * output.dim()
-        shape[_channel_dim(module)] = -1
+        shape[output_channels(module)[1](output)] = -1  # the layer table knows where channels sit
         return shape
 
     @override
