@@ -33,9 +33,22 @@ def canonical_names(module: nn.Module, *, buffers: bool = False) -> dict[str, st
     The canonical name is the first name of the tensor object.
     """
     first: dict[int, str] = {}
-    tensors = list(module.named_parameters(remove_duplicate=False))
-    tensors += list(module.named_buffers(remove_duplicate=False)) if buffers else []
-    return {name: first.setdefault(id(t), name) for name, t in tensors}
+    return {name: first.setdefault(id(t), name) for name, t in every_tensor(module, buffers=buffers)}
+
+
+def every_tensor(module: nn.Module, *, buffers: bool = True) -> list[tuple[str, nn.Parameter]]:
+    """Every name of every parameter, then (if asked) of every buffer, in ``named_parameters`` order.
+
+    The same as ``named_parameters(remove_duplicate=False)`` followed by ``named_buffers(...)``, from
+    one walk over the modules.
+    """
+    params, bufs = [], []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        at = f"{prefix}." if prefix else ""
+        params += [(at + k, v) for k, v in m._parameters.items() if v is not None]
+        if buffers:
+            bufs += [(at + k, v) for k, v in m._buffers.items() if v is not None]
+    return params + bufs
 
 
 def aliases(module: nn.Module) -> dict[str, str]:

@@ -408,12 +408,14 @@ def _expand_batch(example_inputs: ExampleInputs, batch_size: int) -> ExampleInpu
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode, then give each submodule back its own ``training`` flag."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(training for _, training in modes):
+        model.eval()
     try:
         yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training is not training:  # Module.__setattr__ is slow: only where it changed
+                module.training = training
 
 
 @contextmanager

@@ -28,8 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch_pruning as tp
@@ -56,8 +55,7 @@ class BudgetExceeded(BaseException):
     """
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):  # a tuple: built for every dependency of every group, cheaply
     """One layer or operation a channel group touches, with the group's indices there.
 
     Attributes:
@@ -102,9 +100,13 @@ class Engine:
         dg = tp.DependencyGraph()
         dg.verbose = False
         dg.model = model
-        for layer_type in {type(m) for m in model.modules() if is_conv1d(m)}:
+        #: Every module → its qualified name (the engine's table, shared with the graph).
+        self.names = {m: n for n, m in model.named_modules()}
+        #: Module types rooting groups beyond convolutions and linear layers (transformers' Conv1D).
+        self.conv1d_types = tuple({type(m) for m in self.names if is_conv1d(m)})
+        for layer_type in self.conv1d_types:
             dg.register_customized_layer(layer_type, _Conv1DPruner())
-        dg._module2name = {m: n for n, m in model.named_modules()}
+        dg._module2name = self.names
         dg.ignored_params = []
         with _deadline(budget, model, "tracing"):
             dg._param_to_name, dg.unwrapped_parameters = dg._detect_unwrapped_parameters(None)
@@ -117,7 +119,8 @@ class Engine:
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
         self.outputs = [t.detach() for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
-        self._listed: dict[nn.Module, Any] = {}  # root -> the engine's group with all its channels
+        # root -> its group's (dependency, indices, root indices) for all channels; None: the identity
+        self._listed: dict[nn.Module, list[tuple[Any, list[int] | None, list[int] | None]]] = {}
         self.mixing = self._channel_mixing()
         self.budget = budget
 
@@ -146,15 +149,33 @@ class Engine:
 
         The items for all of its channels, and the items for channel 0 alone: a probe, since both must
         agree on what channel 0 touches (None when no index mapping lies in the group: they agree).
+        Roots are taken in the engine's order and a layer already producing in a listed group roots
+        none, as in the engine's own listing. Each group is first built for channel 0 alone: without an
+        index mapping every channel reaches the same entries at its own index, so the full group is
+        that one with every channel, and only groups with a mapping are built again for all of them.
         """
-        with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(self._dg, None):
-            found = []
-            for group in self._dg.get_all_groups(root_module_types=root_types):
-                items = self._items(group)
-                self._listed[items[0].module] = group
-                # Without an index mapping every channel reaches its own entries only: no probe needed.
-                mapped = any(e.dep.target.type not in _IDENTITY for e in group)
-                found.append((items, self._items(self._group(items[0].module, [0])) if mapped else None))
+        dg = self._dg
+        with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(dg, None):
+            found, visited = [], set()
+            for module in list(dg.module2node):
+                if not isinstance(module, root_types) or module in visited:
+                    continue
+                pruner = dg.get_pruner_of_module(module)
+                width = pruner.get_out_channels(module) if pruner is not None else None
+                if width is None:
+                    continue
+                probe = group = self._group(module, [0])
+                if any(e.dep.target.type not in _IDENTITY for e in probe):
+                    group = self._group(module, list(range(width)))
+                    self._listed[module] = [(e.dep, list(e.idxs), list(e.root_idxs)) for e in group]
+                    found.append((self._items(group), self._items(probe)))
+                else:  # None: every channel at its own index
+                    self._listed[module] = [(e.dep, None, None) for e in probe]
+                    every = list(range(width))
+                    found.append(([self._item(e.dep, every, every) for e in probe], None))
+                visited.update(
+                    e.dep.target.module for e in group if dg.is_out_channel_pruning_fn(e.dep.handler)
+                )
             return found
 
     def prune(self, root: nn.Module, channels: list[int]) -> list[Item]:
@@ -164,18 +185,17 @@ class Engine:
         (all of them on the first call): one refresh per pruned group, of what changed.
         """
         listed = self._listed.get(root)
-        if listed is not None and all(e.dep.target.type not in _PROPAGATED for e in listed):
+        if listed is not None and all(dep.target.type not in _PROPAGATED for dep, _, _ in listed):
             # No index mapping between its layers: the listed group, cut down to these channels, is
             # the group the engine would build again (other groups' prunes cannot move its entries).
-            chosen, width = set(channels), self.out_channels(root)
-            entries = []
-            for e in listed:
-                if e.idxs == e.root_idxs and len(e.idxs) == width and e.idxs[-1] == width - 1:
-                    entries.append((e.dep, list(channels), list(channels)))  # the identity mapping
+            chosen, entries, same = set(channels), [], list(channels)  # one list: converted once
+            for dep, idxs, roots in listed:
+                if idxs is None:
+                    entries.append((dep, same, same))
                     continue
-                keep = [k for k, r in enumerate(e.root_idxs) if r in chosen]  # ints: no garbage to collect
+                keep = [k for k, r in enumerate(roots) if r in chosen]  # ints: no garbage to collect
                 if keep:
-                    entries.append((e.dep, [e.idxs[k] for k in keep], [e.root_idxs[k] for k in keep]))
+                    entries.append((dep, [idxs[k] for k in keep], [roots[k] for k in keep]))
             for dep, idxs, _ in entries:
                 dep(idxs)
             return [self._item(dep, idxs, roots) for dep, idxs, roots in entries]

@@ -153,10 +153,15 @@ def _gpt2(name: str, m: nn.Module) -> HeadLayout | None:
 LAYOUTS: tuple[Callable[[str, nn.Module], HeadLayout | None], ...] = (_timm, _bert, _llama, _gpt2)
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def find_heads(model: nn.Module) -> list[HeadLayout]:
     """Every attention module of ``model`` whose heads can be removed, with its layout."""
     found = []
     for name, module in model.named_modules():
+        if not module._modules or isinstance(module, _CONTAINERS):  # layouts have projections as children
+            continue
         for layout in LAYOUTS:
             if (head := layout(name, module)) is not None:
                 found.append(head)

@@ -20,12 +20,12 @@ from lightning_prune._inputs import (
     describe,
     flatten_outputs,
 )
-from lightning_prune._params import canonical_names
+from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import _buffers_restored, _eval_mode, _mha_fastpath_disabled, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
-from lightning_prune.structure.layers import ROOT_TYPES, is_conv1d, is_root, layer_spec, unresized_tensors
+from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
 from lightning_prune.structure.types import ChannelGroup, ParamSlice, Removal
 
 #: Seconds tracing or listing the groups of one model may take before the model is refused.
@@ -124,9 +124,9 @@ class ChannelGraph:
                     f"Could not trace {type(model).__name__} with "
                     f"example_inputs={describe(self.example_inputs)}: {err}"
                 ) from err.__cause__
-        self._names = {m: n for n, m in model.named_modules()}
+        self._names = self._engine.names
         self._order = {n: i for i, n in enumerate(self._names.values())}
-        self._modules_by_name = dict(model.named_modules())
+        self._modules_by_name = {n: m for m, n in self._names.items()}
         self._aliases = canonical_names(model, buffers=True)
         self._input_nodes = self._input_coupled(inputs)
         self._fragile_nodes = self._flattened_concats()
@@ -136,13 +136,15 @@ class ChannelGraph:
         self._groups: dict[str, ChannelGroup] | None = None
         self._heads: dict = {}
         self._shape_cache: dict[str, torch.Size] | None = None
+        self._specs: dict[tuple[int, bool | None], list] = {}  # (id(layer), producing) -> layer_spec
+        self._indices: dict[int, tuple[list[int], torch.Tensor]] = {}  # id(list) -> (list, tensor)
 
     @property
     def groups(self) -> list[ChannelGroup]:
         """Every channel group, named after its first producing conv/linear layer, in model order."""
         if self._groups is None:
             self._shape_cache = None
-            roots = ROOT_TYPES + tuple({type(m) for m in self.model.modules() if is_conv1d(m)})
+            roots = ROOT_TYPES + self._engine.conv1d_types
             found = [self._describe(items, probe) for items, probe in self._engine.groups(roots)]
             reached = {self._names[n.module] for n in self._engine.nodes if n.module in self._names}
             self._heads = {h.name: h for h in find_heads(self.model)}
@@ -203,20 +205,29 @@ class ChannelGraph:
         ``exact=True`` (a LayerNorm or GroupNorm across the channels would see different statistics).
         """
         tensors = self._tensors()
-        nonzero: dict[tuple[str, int], torch.Tensor] = {}  # per tensor and dim: any non-zero entry
         dead = {}
         for group in self.groups:
             if not group.prunable:
                 continue
             alive = torch.zeros(group.size, dtype=torch.bool)
-            for s in group.slices:
-                if s.role in ("out", "norm"):
-                    if (s.param, s.dim) not in nonzero:
-                        t = tensors[s.param].detach()
-                        nonzero[s.param, s.dim] = _nonzero_rows(
-                            t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1)
-                        )
-                    alive[s.channels[nonzero[s.param, s.dim][s.positions]]] = True
+            producing = [s for s in group.slices if s.role in ("out", "norm")]
+            # Small tensors first (biases, norm affines): a channel found alive there needs no look at
+            # its weight rows, which are then read only for the channels still in question.
+            producing.sort(key=lambda s: tensors[s.param].numel())
+            for k, s in enumerate(producing):
+                t, positions, channels = tensors[s.param].detach(), s.positions, s.channels
+                if k == 0:  # the smallest tensor: read whole
+                    nonzero = _nonzero_rows(t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1))[positions]
+                else:
+                    if bool(alive.all()):
+                        break
+                    open_ = ~alive[channels]
+                    positions, channels = positions[open_], channels[open_]
+                    if not positions.numel():
+                        continue
+                    rows = t.index_select(s.dim, positions.to(t.device))
+                    nonzero = _nonzero_rows(rows.movedim(s.dim, 0).reshape(len(positions), -1))
+                alive[channels[nonzero]] = True
             dead[group.name] = torch.nonzero(~alive).flatten().tolist()
         return dead
 
@@ -268,11 +279,11 @@ class ChannelGraph:
                     reference = eval_outputs(self.model, verify)
         snapshot = _Snapshot(self.model)
         aliases = self._aliases
-        frozen = {n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        frozen = {n for n, p in every_tensor(self.model, buffers=False) if not p.requires_grad}
         try:
             done = self._surgery(plan)
             _retie(self.model, aliases)
-            for name, param in self.model.named_parameters(remove_duplicate=False):
+            for name, param in every_tensor(self.model, buffers=False) if frozen else ():
                 param.requires_grad_(name not in frozen)  # the engine makes every new tensor trainable
             if verify is not None:
                 try:
@@ -347,10 +358,7 @@ class ChannelGraph:
         return done
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        model = self.model
-        return dict(model.named_parameters(remove_duplicate=False)) | dict(
-            model.named_buffers(remove_duplicate=False)
-        )
+        return dict(every_tensor(self.model))
 
     def _shapes(self) -> dict[str, torch.Size]:
         if self._shape_cache is None:
@@ -417,7 +425,7 @@ class ChannelGraph:
         return found
 
     def _label(self, module) -> str | None:
-        if isinstance(module, nn.Parameter):
+        if isinstance(module, torch.Tensor):  # a free parameter (Parameter's own isinstance check is slow)
             return self._engine.param_name(module)
         return self._names.get(module)
 
@@ -445,7 +453,7 @@ class ChannelGraph:
                 reasons.append(f"{label} ({type(module).__name__}) cannot be resized here")
             if kind in ("ln", "gn"):
                 exact = False
-            if isinstance(module, nn.Module) and (extra := unresized_tensors(module)):
+            if isinstance(module, nn.Module) and (extra := self._unresized(module)):
                 reasons.append(
                     f"{label} ({type(module).__name__}) has tensors that would not be resized: {extra}"
                 )
@@ -478,8 +486,11 @@ class ChannelGraph:
         )
         self._roots[name] = root
         slices = [s for item in items for s in self._slices_of(item, size)]
-        shapes = self._shapes()
-        if any(s.param not in shapes or int(s.positions.max()) >= shapes[s.param][s.dim] for s in slices):
+        shapes, top = self._shapes(), {}  # slices share their position tensors: one max each
+        for s in slices:
+            if id(s.positions) not in top:
+                top[id(s.positions)] = int(s.positions.max())
+        if any(s.param not in shapes or top[id(s.positions)] >= shapes[s.param][s.dim] for s in slices):
             reasons.append("the traced dependencies do not fit the layer shapes")
         if probe is not None and _entries(items, only=0) != _entries(probe):
             reasons.append(
@@ -499,22 +510,39 @@ class ChannelGraph:
             ties=ties,
         )
 
+    def _spec(self, module: nn.Module, producing: bool) -> list:
+        key = (id(module), producing)
+        if key not in self._specs:
+            self._specs[key] = layer_spec(module, producing) or []
+        return self._specs[key]
+
+    def _unresized(self, module: nn.Module) -> list[str]:
+        key = (id(module), None)
+        if key not in self._specs:
+            self._specs[key] = unresized_tensors(module)
+        return self._specs[key]
+
+    def _index(self, idxs: list[int]) -> torch.Tensor:
+        """``idxs`` as a tensor; the items of a listed group share one list per group, converted once."""
+        found = self._indices.get(id(idxs))
+        if found is None or found[0] is not idxs:
+            found = self._indices[id(idxs)] = (idxs, torch.as_tensor(idxs, dtype=torch.long))
+        return found[1]
+
     def _slices_of(self, item: Item, stride: int) -> list[ParamSlice]:
         """Where the item's indices sit in the parameters and buffers of its layer."""
         label = self._label(item.module)
         if label is None or not item.idxs:
             return []
-        positions = torch.as_tensor(item.idxs, dtype=torch.long)
-        channels = (
-            positions if item.root_idxs == item.idxs else torch.as_tensor(item.root_idxs, dtype=torch.long)
-        )
+        positions = self._index(item.idxs)
+        channels = positions if item.root_idxs == item.idxs else self._index(item.root_idxs)
         if channels.numel() and int(channels.max()) >= stride:
             channels = channels % stride
         module = item.module
         if item.kind == "parameter":
             return [ParamSlice(label, item.pruning_dim, positions, channels, "out")]
         producing = item.producing or item.kind == "depthwise_conv"
-        spec = layer_spec(module, producing) or []
+        spec = self._spec(module, producing)
         if item.kind == "conv" and not producing and module.groups > 1:
             first = positions < module.in_channels // module.groups  # a grouped conv's weight repeats
             positions, channels = positions[first], channels[first]
@@ -600,9 +628,14 @@ def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str
     """The first parameter that would lose every entry along a dim if ``channels`` went, if any."""
     gone = torch.zeros(group.size, dtype=torch.bool)
     gone[list(channels)] = True
+    counted: dict[int, int] = {}  # slices of one group mostly share their channel map: count it once
     for s in group.slices:
         size = shapes[s.param][s.dim]
-        if len(s.positions) >= size and int(gone[s.channels].sum()) >= size:
+        if len(s.positions) < size:
+            continue
+        if (n := counted.get(id(s.channels))) is None:
+            n = counted[id(s.channels)] = int(gone[s.channels].sum())
+        if n >= size:
             return s.param
     return None
 
@@ -611,7 +644,7 @@ def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal
     seen, out = set(), []
     for r in removals:
         r = Removal(aliases.get(r.param, r.param), r.dim, r.index)
-        key = (r.param, r.dim, tuple(r.index.tolist()))
+        key = (r.param, r.dim, r.index.numpy().tobytes())
         if key not in seen:
             seen.add(key)
             out.append(r)
@@ -620,7 +653,9 @@ def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal
 
 def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
     """Make tensors that were one tensor before surgery one tensor again (same values required)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    if all(name == first for name, first in aliases.items()):
+        return  # nothing is tied
+    params = dict(every_tensor(model, buffers=False))
     for name, first in aliases.items():
         if name == first or name not in params or first not in params:
             continue
@@ -636,6 +671,9 @@ def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
         setattr(model.get_submodule(owner), attr, a)
 
 
+_CONTAINERS = (dict, list, set, OrderedDict)
+
+
 class _Snapshot:
     """Every module's attributes by reference: surgery replaces tensors, so this restores the model.
 
@@ -645,19 +683,22 @@ class _Snapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._state = [(m, {k: _copy(v) for k, v in vars(m).items()}) for m in model.modules()]
+        self._state = []
+        for module in model.modules():
+            attrs = {}
+            for key, value in vars(module).items():  # inline: a function call per value costs more
+                kind = type(value)
+                if kind in _CONTAINERS:
+                    value = kind(value) if value else kind()  # most are empty hook dictionaries
+                elif isinstance(value, _CONTAINERS):
+                    value = copy.copy(value)
+                attrs[key] = value
+            self._state.append((module, attrs))
 
     def restore(self) -> None:
         for module, attrs in self._state:
             vars(module).clear()
             vars(module).update(attrs)
-
-
-def _copy(value):
-    kind = type(value)
-    if kind in (dict, list, set, OrderedDict):
-        return kind(value)
-    return copy.copy(value) if isinstance(value, list | dict | set) else value
 
 
 class _zeroed:

@@ -298,9 +298,12 @@ def unresized_tensors(module: nn.Module) -> list[str]:
     be left inconsistent by surgery, so its groups are refused.
     """
     known = {a for p in (True, False) for a, _, _ in (layer_spec(module, p) or [])}
-    own = [n for n, _ in module.named_parameters(recurse=False)] + [
-        n for n, b in module.named_buffers(recurse=False) if b is not None
-    ]
+    first: dict[int, str] = {}  # one name per tensor, as named_parameters/named_buffers give
+    for tensors in (module._parameters, module._buffers):
+        for n, t in tensors.items():
+            if t is not None:
+                first.setdefault(id(t), n)
+    own = list(first.values())
     return [n for n in own if n not in known]
 
 
