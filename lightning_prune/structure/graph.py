@@ -225,8 +225,7 @@ class ChannelGraph:
                     positions, channels = positions[open_], channels[open_]
                     if not positions.numel():
                         continue
-                    rows = t.index_select(s.dim, positions.to(t.device))
-                    nonzero = _nonzero_rows(rows.movedim(s.dim, 0).reshape(len(positions), -1))
+                    nonzero = _nonzero_at(t, s.dim, positions)
                 alive[channels[nonzero]] = True
             dead[group.name] = torch.nonzero(~alive).flatten().tolist()
         return dead
@@ -594,6 +593,23 @@ def prune_or_refuse(
         return attempt({n: part[n] for n in names[:half]}) + attempt({n: part[n] for n in names[half:]})
 
     return attempt(dict(plan)), refused
+
+
+_CHUNK = 4 << 20  # bytes
+
+
+def _nonzero_at(t: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Which of the ``positions`` along ``dim`` of ``t`` hold a non-zero entry.
+
+    The rows are copied out in chunks of at most ``_CHUNK`` bytes into one reused buffer: fresh memory
+    for one large copy would cost more than reading the whole tensor.
+    """
+    row = t.numel() // max(t.shape[dim], 1) * t.element_size()
+    buffer, found = t.new_empty(0), []
+    for part in positions.to(t.device).split(max(1, _CHUNK // max(row, 1))):
+        torch.index_select(t, dim, part, out=buffer.resize_(0))  # resize_(0) keeps the storage
+        found.append(_nonzero_rows(buffer.movedim(dim, 0).reshape(len(part), -1)))
+    return torch.cat(found) if len(found) > 1 else found[0]
 
 
 def _nonzero_rows(t: torch.Tensor) -> torch.Tensor:
