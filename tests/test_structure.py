@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -133,6 +135,19 @@ def test_a_conv_channel_with_a_live_norm_is_not_dead():
     report = shrink(model, X)
     assert report.removed == {}
     assert model.features[0].out_channels == 8
+
+
+def test_dead_channels_found_by_weight_rows_alone_also_when_read_in_chunks(monkeypatch):
+    # Biases and norm affines zero in a channel, weights not: only the weight rows tell it is alive.
+    # The rows are read in chunks (a tiny chunk size forces several), in either dimension layout.
+    graph_module = importlib.import_module("lightning_prune.structure.graph")
+    monkeypatch.setattr(graph_module, "_CHUNK", 64)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[0].weight[[1, 4, 5, 8]] = 0
+        model[0].weight[9, 2] = 1e-30  # one tiny non-zero entry keeps a channel
+    assert ChannelGraph(model, torch.randn(2, 6)).dead_channels() == {"0": [1, 4, 5, 8]}
 
 
 def test_residual_channel_dead_in_one_branch_only_stays():
