@@ -217,8 +217,7 @@ class ShrinkOnFitEnd(Callback):
 
     def _check_foldable(self, pl_module: pl.LightningModule, example: Any) -> None:
         """Refuse a model with no BatchNorm to fold; warn about those that cannot be (model unchanged)."""
-        with _eval_mode(pl_module):
-            plan = fold_plan(pl_module, example)
+        plan = fold_plan(pl_module, example)
         if not plan.pairs:
             why = f" ({plan.describe_refused()})" if plan.refused else ""
             raise PruningError(

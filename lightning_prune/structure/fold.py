@@ -121,10 +121,10 @@ def fold_batchnorm(model: nn.Module, example_inputs: ExampleInputs, *, strict: b
 
 
 def fold_plan(model: nn.Module, example_inputs: ExampleInputs) -> FoldPlan:
-    """Which BatchNorm layers of ``model`` (in eval mode) :func:`fold_batchnorm` can fold, and why not.
+    """Which BatchNorm layers of ``model`` :func:`fold_batchnorm` can fold, and why the others cannot.
 
-    Runs one forward pass with autograd recording (parameters are made to require gradients for it and
-    given their flags back; buffers and modes are not changed).
+    Runs one forward pass in eval mode with autograd recording (parameters are made to require gradients
+    for it and given their flags back; modes are restored, and eval-mode BatchNorms change no buffer).
     """
     names = {m: n for n, m in model.named_modules()}
     calls: Counter[nn.Module] = Counter()
@@ -151,7 +151,7 @@ def fold_plan(model: nn.Module, example_inputs: ExampleInputs) -> FoldPlan:
     try:
         for p, _ in flags:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _eval_mode(model):
             outputs = flatten_outputs(call_model(model, example_inputs))
     except Exception as err:
         raise PruningError(

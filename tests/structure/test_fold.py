@@ -157,3 +157,11 @@ def test_parameters_keep_their_requires_grad_flags():
     model[0].weight.requires_grad_(False)
     fold_batchnorm(model, torch.randn(1, 3, 5, 5))
     assert not model[0].weight.requires_grad and model[1].weight.requires_grad
+
+
+def test_the_plan_of_a_training_model_changes_no_statistics_nor_mode():
+    model = randomise_norms(TinyCNN()).train()
+    before = model.features[1].running_mean.clone()
+    plan = fold_plan(model, torch.randn(4, 3, 8, 8))
+    assert plan.pairs == {"features.1": "features.0", "features.4": "features.3"}
+    assert model.training and torch.equal(model.features[1].running_mean, before)
