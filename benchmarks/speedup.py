@@ -11,13 +11,25 @@ initialised torchvision model (seed 0, eval mode) are built and timed:
 - *TP* / *TP r8*: Torch-Pruning's ``MetaPruner`` with ``MagnitudeImportance(p=1)``, global pruning,
   ``pruning_ratio=amount``, the classifier ignored, without / with ``round_to=8``.
 
-Latency is the median of ``--repeats`` rounds; in each round every variant runs ``--calls`` timed forward
-passes (batch 1, after 3 warm-up calls) in alternating order, and the round's figure is their median. The
-table gives MACs reduction (dense MACs / pruned MACs), speedup (dense latency / pruned latency) and their
-ratio, the *efficiency* (1.0: the latency falls as much as the MACs), with the spread of the speedup
-(min–max over rounds).
+Each variant can be run in several *modes* (``--modes``; the modes other than ``eager`` time only *dense*,
+*ours r8* and *TP r8*):
+
+- ``eager``: the model as it is (NCHW, BatchNorm layers and all);
+- ``deploy``: :func:`lightning_prune.structure.fold_batchnorm` (BatchNorm folded into the convolutions),
+  then weights and input in the channels-last memory format;
+- ``compile``: ``torch.compile`` of the BN-folded model (inductor's default settings);
+- ``frozen``: the same with ``torch._inductor.config.freezing = True`` (weights treated as constants:
+  inductor pre-packs them for oneDNN and folds constants; inference only).
+
+Latency is the median of ``--repeats`` rounds; in each round every (variant, mode) runs ``--calls`` timed
+forward passes (batch 1, after 3 warm-up calls; compiled models are compiled before the first round) in
+alternating order, and the round's figure is their median. The table gives MACs reduction (dense MACs /
+pruned MACs), speedup (dense latency / pruned latency, both in the same mode) and their ratio, the
+*efficiency* (1.0: the latency falls as much as the MACs), with the spread of the speedup (min–max over
+rounds).
 
     OMP_NUM_THREADS=1 python benchmarks/speedup.py --repeats 7 --out docs/data/speedup.md
+    OMP_NUM_THREADS=1 python benchmarks/speedup.py --repeats 7 --modes eager deploy compile frozen
 """
 
 from __future__ import annotations
@@ -39,9 +51,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_prune import model_stats, prune_channels  # noqa: E402
+from lightning_prune.structure import fold_batchnorm  # noqa: E402
 
 CASES = [("resnet18", 0.5, 224), ("resnet18", 0.7, 224), ("mobilenet_v2", 0.5, 224), ("vgg16_bn", 0.5, 32)]
 CASES += [("resnet50", 0.5, 224)]
+MODES = ("eager", "deploy", "compile", "frozen")
+DEPLOYED = ("dense", "ours r8", "TP r8")  # the variants timed in the modes other than eager
 
 
 def build(name: str) -> nn.Module:
@@ -85,7 +100,26 @@ def latency(model: nn.Module, x: torch.Tensor, calls: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list[dict]:
+def prepare(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[nn.Module, torch.Tensor]:
+    """``model`` and ``x`` ready to be timed in ``mode`` (compiled ones compiled already)."""
+    if mode == "eager":
+        return model, x
+    folded = fold_batchnorm(model, x)
+    if mode == "deploy":
+        last = torch.channels_last
+        return folded.to(memory_format=last), x.contiguous(memory_format=last)
+    # A traced copy has a forward of its own: compiled models of one family would otherwise share the
+    # code object dynamo caches on, and a model compiled later (frozen) could run code compiled earlier.
+    traced = torch.fx.symbolic_trace(folded)
+    with torch._inductor.config.patch(freezing=mode == "frozen"), torch.no_grad():
+        compiled = torch.compile(traced)
+        compiled(x)  # compiles now, under this configuration
+    return compiled, x
+
+
+def bench(
+    name: str, amount: float, size: int, repeats: int, calls: int, modes: tuple[str, ...] = ("eager",)
+) -> list[dict]:
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     variants = {
         "dense": build(name),
@@ -96,16 +130,24 @@ def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list
         "TP r8": torch_pruning(build(name), x, amount, 8),
     }
     macs = {k: model_stats(m, x).macs for k, m in variants.items()}
-    rounds: dict[str, list[float]] = {k: [] for k in variants}
-    order = list(variants)
+    torch._dynamo.reset()  # each case compiles afresh (the models of a family share their code objects)
+    runs = {
+        (key, mode): prepare(model, x, mode)
+        for mode in modes
+        for key, model in variants.items()
+        if mode == "eager" or key in DEPLOYED
+    }
+    rounds: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+    order = list(runs)
     for r in range(repeats):
         for key in order if r % 2 == 0 else reversed(order):
-            rounds[key].append(latency(variants[key], x, calls))
-    dense = statistics.median(rounds["dense"])
+            rounds[key].append(latency(*runs[key], calls))
     rows = []
-    for key, model in variants.items():
-        lat = statistics.median(rounds[key])
-        speedups = [d / p for d, p in zip(rounds["dense"], rounds[key], strict=True)]
+    for (key, mode), times in rounds.items():
+        model = variants[key]
+        dense_times = rounds["dense", mode]
+        dense, lat = statistics.median(dense_times), statistics.median(times)
+        speedups = [d / p for d, p in zip(dense_times, times, strict=True)]
         reduction = macs["dense"] / macs[key]
         rows.append(
             {
@@ -113,6 +155,7 @@ def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list
                 "amount": amount,
                 "input": size,
                 "variant": key,
+                "mode": mode,
                 "params": sum(p.numel() for p in model.parameters()),
                 "macs_reduction": reduction,
                 "latency_ms": 1e3 * lat,
@@ -131,16 +174,41 @@ def render(rows: list[dict], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | amount | input | variant | params | MACs reduction | latency ms | speedup (min–max) | "
-        "efficiency | convs with out_channels % 8 != 0 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | amount | input | variant | mode | params | MACs reduction | latency ms | "
+        "speedup (min–max) | efficiency | convs with out_channels % 8 != 0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lo, hi = r["speedup_spread"]
         lines.append(
-            f"| {r['model']} | {r['amount']:.0%} | {r['input']} | {r['variant']} | {r['params']:,} | "
+            f"| {r['model']} | {r['amount']:.0%} | {r['input']} | {r['variant']} | {r['mode']} | "
+            f"{r['params']:,} | "
             f"{r['macs_reduction']:.2f}× | {r['latency_ms']:.2f} | {r['speedup']:.2f}× ({lo:.2f}–{hi:.2f}) | "
             f"{r['efficiency']:.2f} | {r['odd_layers']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_efficiency(rows: list[dict]) -> str:
+    """Efficiency by case and variant (rows) and mode (columns), for the variants timed in every mode.
+
+    The last columns compare each model run its fastest way with the dense model run its fastest way.
+    """
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    cells = {(r["model"], r["amount"], r["variant"], r["mode"]): r for r in rows}
+    head = "| model | amount | variant | " + " | ".join(modes) + " | fastest dense → fastest pruned | "
+    lines = [head + "speedup | efficiency |", "|---" * (6 + len(modes)) + "|"]
+    for model, amount, variant in dict.fromkeys((r["model"], r["amount"], r["variant"]) for r in rows):
+        if variant == "dense" or any((model, amount, variant, m) not in cells for m in modes):
+            continue
+        effs = " | ".join(f"{cells[model, amount, variant, m]['efficiency']:.2f}" for m in modes)
+        dense = min((cells[model, amount, "dense", m] for m in modes), key=lambda r: r["latency_ms"])
+        best = min((cells[model, amount, variant, m] for m in modes), key=lambda r: r["latency_ms"])
+        speedup = dense["latency_ms"] / best["latency_ms"]
+        lines.append(
+            f"| {model} | {amount:.0%} | {variant} | {effs} | {dense['mode']} {dense['latency_ms']:.2f} ms → "
+            f"{best['mode']} {best['latency_ms']:.2f} ms | {speedup:.2f}× | "
+            f"{speedup / best['macs_reduction']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -153,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--models", nargs="+", help="limit to these model names")
     parser.add_argument("--out", type=Path, help="write the markdown table here")
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=["eager"], help="ways of running the models (see above)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     header = (
@@ -165,12 +236,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, amount, size in CASES:
         if args.models and name not in args.models:
             continue
-        found = bench(name, amount, size, args.repeats, args.calls)
+        found = bench(name, amount, size, args.repeats, args.calls, tuple(args.modes))
         rows += found
         print(render(found, "").strip(), flush=True)
+    summary = "Efficiency by mode:\n\n" + render_efficiency(rows) if len(args.modes) > 1 else ""
+    print(summary, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render(rows, header))
+        args.out.write_text(render(rows, header) + ("\n" + summary if summary else ""))
 
 
 if __name__ == "__main__":

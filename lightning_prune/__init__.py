@@ -28,6 +28,7 @@ from lightning_prune.structure import (
     ParamSlice,
     Removal,
     ShrinkReport,
+    fold_batchnorm,
     shrink,
 )
 
@@ -59,6 +60,7 @@ __all__ = [
     "SlimmingL1Callback",
     "__version__",
     "create_model",
+    "fold_batchnorm",
     "list_criteria",
     "list_models",
     "load_pruned_checkpoint",

@@ -7,6 +7,7 @@ import numbers
 import os
 import statistics
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
@@ -29,7 +30,7 @@ from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.reports import Figures, GainReport
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import LATENCY_MODES, ModelStats, _eval_mode, in_mode, latency_samples, model_stats
-from lightning_prune.structure import ChannelGraph, ShrinkReport, shrink
+from lightning_prune.structure import ChannelGraph, ShrinkReport, fold_batchnorm, fold_plan, shrink
 from lightning_prune.structure.graph import same_outputs
 
 
@@ -70,6 +71,12 @@ class ShrinkOnFitEnd(Callback):
             ``.pt2``; load it with ``torch.export.load(path).module()``). The batch dimension is dynamic
             where the model allows it. Its folder is checked in ``setup`` like ``save_path``'s. A model
             that cannot be exported fails here with the reason (the shrunk checkpoint is saved first).
+        fold_bn: Export the model with its BatchNorm layers folded into the convolution or linear layers
+            that feed them (:func:`~lightning_prune.structure.fold_batchnorm`; needs ``export_path``): one
+            pass over each feature map fewer at inference. Only the exported copy is folded: the module
+            and the ``save_path`` checkpoint keep their BatchNorm layers. Checked in ``on_fit_start``:
+            BatchNorms that cannot be folded (e.g. after an addition) are named in a warning and exported
+            as they are; a model with none to fold is refused.
         latency_modes: Other ways of running the model whose latency (batch ``latency_batch_size``) is
             measured at the start and at the end of fit too: ``"channels_last"`` (NHWC copy) and
             ``"compile"`` (``torch.compile`` of a copy; compiling takes seconds to minutes, and a mode that
@@ -77,9 +84,10 @@ class ShrinkOnFitEnd(Callback):
 
     Raises:
         PruningError: Here, if ``latency_batch_size`` or ``latency_repeats`` < 1, ``save_path`` is a
-            directory, a latency mode is unknown, or ``export_path`` ends in ``.onnx`` and the ONNX packages
-            are missing. In ``setup``, if ``save_path`` cannot be written. In ``on_fit_start``, if the model
-            cannot be traced for shrinking (e.g. it has no Conv or Linear layer). In ``on_fit_end``, if
+            directory, a latency mode is unknown, ``export_path`` ends in ``.onnx`` and the ONNX packages
+            are missing, or ``fold_bn`` is set without ``export_path``. In ``setup``, if ``save_path``
+            cannot be written. In ``on_fit_start``, if the model cannot be traced for shrinking (e.g. it has
+            no Conv or Linear layer), or ``fold_bn`` finds no BatchNorm it can fold. In ``on_fit_end``, if
             shrinking fails; the message says where the unshrunk weights were saved.
 
     Examples:
@@ -97,6 +105,7 @@ class ShrinkOnFitEnd(Callback):
         export_path: str | os.PathLike | None = None,
         channels_last: bool = False,
         latency_modes: Sequence[str] = ("eager",),
+        fold_bn: bool = False,
     ) -> None:
         super().__init__()
         owner = "ShrinkOnFitEnd"
@@ -105,6 +114,13 @@ class ShrinkOnFitEnd(Callback):
         self.save_path = Path(save_path) if save_path is not None else None
         self.export_path = Path(export_path) if export_path is not None else None
         self.channels_last = boolean(owner, "channels_last", channels_last)
+        self.fold_bn = boolean(owner, "fold_bn", fold_bn)
+        if self.fold_bn and export_path is None:
+            raise PruningError(
+                "`ShrinkOnFitEnd(fold_bn=True)` is invalid without `export_path`: only the exported copy is "
+                "folded. Give `export_path` (e.g. 'outputs/model.pt2'), or use "
+                "`lightning_prune.fold_batchnorm(model, example_inputs)` on the shrunk module yourself."
+            )
         for arg, path in (("save_path", self.save_path), ("export_path", self.export_path)):
             if path is not None and path.is_dir():
                 raise PruningError(
@@ -126,6 +142,7 @@ class ShrinkOnFitEnd(Callback):
             )
         self.latency_modes = [mode for mode in LATENCY_MODES[1:] if mode in latency_modes]
         self.unavailable: dict[str, str] = {}  # latency mode -> why it could not be measured
+        self.folded = 0  # BatchNorm layers folded in the exported copy (fold_bn)
         self.latency_batch_size = latency_batch_size
         self.latency_repeats = latency_repeats
         self.report: GainReport | None = None  # at the end of fit
@@ -193,8 +210,26 @@ class ShrinkOnFitEnd(Callback):
                 f"ShrinkOnFitEnd could not shrink {type(pl_module).__name__} at the end of fit, so it stops "
                 f"before training: {err}"
             ) from err
+        if self.fold_bn:
+            self._check_foldable(pl_module, self._example(trainer, pl_module))
         if self._before is None:
             self._before = self._measure(trainer, pl_module, graph.traced_stats)
+
+    def _check_foldable(self, pl_module: pl.LightningModule, example: Any) -> None:
+        """Refuse a model with no BatchNorm to fold; warn about those that cannot be (model unchanged)."""
+        plan = fold_plan(pl_module, example)
+        if not plan.pairs:
+            why = f" ({plan.describe_refused()})" if plan.refused else ""
+            raise PruningError(
+                f"`ShrinkOnFitEnd(fold_bn=True)`: {type(pl_module).__name__} has no BatchNorm layer that "
+                f"follows a convolution or linear layer{why}, so there is nothing to fold. It stops before "
+                "training; set `fold_bn=False`."
+            )
+        if plan.refused:
+            rank_zero_warn(
+                f"ShrinkOnFitEnd(fold_bn=True) will export {len(plan.refused)} BatchNorm layer(s) of "
+                f"{type(pl_module).__name__} unfolded: {plan.describe_refused()}."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,7 +255,14 @@ class ShrinkOnFitEnd(Callback):
         if trainer.is_global_zero and self.save_path is not None:
             save_shrunk(pl_module, self.save_path)  # first: nothing below can lose the shrunk weights
         if trainer.is_global_zero and self.export_path is not None:
-            export_checked(pl_module, self._example(trainer, pl_module), self.export_path)
+            example = self._example(trainer, pl_module)
+            deployed = pl_module
+            if self.fold_bn:
+                with warnings.catch_warnings():  # the unfoldable ones were named in on_fit_start
+                    warnings.simplefilter("ignore")
+                    deployed = fold_batchnorm(pl_module, example, strict=False)
+                self.folded = _batchnorms(pl_module) - _batchnorms(deployed)
+            export_checked(deployed, example, self.export_path, reference=pl_module)
         before = self._before or self._measure(trainer, pl_module)
         after = self._measure(trainer, pl_module, result.after)  # shrink counted them after the surgery
         self.report = GainReport(before, after, result.channels_removed)
@@ -334,6 +376,8 @@ class ShrinkOnFitEnd(Callback):
         table.caption = f"{r.channels_removed} dead channels removed at the end of fit"
         if self.channels_last:
             table.caption += "; end of fit in channels_last memory format"
+        if self.fold_bn:
+            table.caption += f"; exported with {self.folded} BatchNorm layer(s) folded"
         for mode, why in self.unavailable.items():
             table.caption += f"; {mode} latency not measured ({why})"
         if noisy:
@@ -381,14 +425,21 @@ def save_shrunk(pl_module: pl.LightningModule, path: str | os.PathLike) -> None:
 _SAFE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
 
-def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.PathLike) -> None:
+def export_checked(
+    module: torch.nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    reference: torch.nn.Module | None = None,
+) -> None:
     """Write ``module`` for deployment at ``path``, checked to give the same outputs.
 
     The module is captured with ``torch.export`` in eval mode on ``example_inputs`` (batch dimension
     dynamic where the model allows it). A path ending in ``.onnx`` gets that program converted to ONNX
     (``torch.onnx.export``, run with ONNX Runtime for the check); any other path gets the program itself
-    (load it with ``torch.export.load(path).module()``). The written model must give the module's own
-    outputs (float tolerance) on the example inputs, else nothing is written.
+    (load it with ``torch.export.load(path).module()``). The written model must give the outputs of
+    ``reference`` (default: ``module`` itself; e.g. the unfolded model when ``module`` is its BN-folded copy)
+    in eval mode (float tolerance) on the example inputs, else nothing is written.
 
     Raises:
         PruningError: If the module cannot be exported, or the exported model's outputs differ.
@@ -396,8 +447,9 @@ def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.
     path = Path(path)
     fmt = "ONNX" if path.suffix == ".onnx" else "torch.export"
     args, kwargs = call_arguments(example_inputs)
-    with _eval_mode(module), torch.no_grad():
-        expected = flatten_outputs(module(*args, **kwargs))
+    reference = module if reference is None else reference
+    with _eval_mode(reference), _eval_mode(module), torch.no_grad():
+        expected = flatten_outputs(reference(*args, **kwargs))
         try:
             program = _export(module, args, kwargs)
             if fmt == "ONNX":
@@ -413,7 +465,7 @@ def export_checked(module: torch.nn.Module, example_inputs: Any, path: str | os.
     if not same_outputs(expected, got):
         raise PruningError(
             f"ShrinkOnFitEnd(export_path={str(path)!r}): the {fmt} model does not give the outputs of "
-            f"{type(module).__name__}; nothing was written."
+            f"{type(reference).__name__}; nothing was written."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -471,6 +523,10 @@ def _unwritable(path: Path) -> str | None:
     except OSError as err:
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def _batchnorms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _first_sample(example: Any) -> Any:

@@ -14,6 +14,7 @@ The package is laid out along what it does:
 - ``graph``: :class:`ChannelGraph`, the groups and their transactional, verified surgery;
 - ``plan``: which channels go (global ranking, node weights), pure functions;
 - ``latency``: channel counts moved to the fast side of measured latency steps;
+- ``fold``: :func:`fold_batchnorm`, BatchNorm layers folded into the layers that feed them (deployment);
 - ``shrink``: :func:`shrink` and its :class:`ShrinkReport`.
 
 Examples:
@@ -29,6 +30,7 @@ Examples:
     (6, 6, 6)
 """
 
+from lightning_prune.structure.fold import FoldPlan, fold_batchnorm, fold_plan
 from lightning_prune.structure.graph import DEFAULT_TIME_BUDGET, ChannelGraph, prune_or_refuse
 from lightning_prune.structure.latency import latency_aware_kept
 from lightning_prune.structure.layers import ROOT_TYPES, select_layers
@@ -47,11 +49,14 @@ __all__ = [
     "ROOT_TYPES",
     "ChannelGraph",
     "ChannelGroup",
+    "FoldPlan",
     "ParamSlice",
     "Removal",
     "ShrinkReport",
     "auto_round_to",
     "channel_multiple",
+    "fold_batchnorm",
+    "fold_plan",
     "latency_aware_kept",
     "lowest_channels",
     "node_weights",

@@ -234,3 +234,50 @@ def test_in_mode_compile_runs_the_same_function():
     torch.testing.assert_close(got, net(x))
     with pytest.raises(PruningError, match=r"`mode` must be one of \['eager', 'channels_last', 'compile'\]"):
         in_mode(net, x, "tensorrt")
+
+
+def test_fold_bn_exports_a_folded_copy_and_leaves_the_module_and_checkpoint_alone(tmp_path):
+    pl.seed_everything(0)
+    module = TinyModule()
+    shrinker = ShrinkOnFitEnd(
+        save_path=tmp_path / "small.pt", export_path=tmp_path / "small.pt2", fold_bn=True, latency_repeats=1
+    )
+    trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    program = torch.export.load(tmp_path / "small.pt2")
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("batch_norm" in op for op in ops) and any("conv" in op for op in ops)
+    assert isinstance(module.model.features[1], torch.nn.BatchNorm2d)  # the module keeps its BatchNorms
+    assert module.model.features[0].out_channels < 8  # shrunk
+    x = torch.randn(3, 3, 8, 8)
+    module.eval()
+    torch.testing.assert_close(program.module()(x), module(x), rtol=1e-4, atol=1e-5)
+    assert (
+        "model.features.1.running_mean" in torch.load(tmp_path / "small.pt", weights_only=True)["state_dict"]
+    )
+    assert shrinker.folded == 2 and "2 BatchNorm layer(s) folded" in shrinker.table().caption
+
+
+def test_fold_bn_needs_an_export_path_and_something_to_fold(tmp_path):
+    with pytest.raises(
+        PruningError, match=r"`ShrinkOnFitEnd\(fold_bn=True\)` is invalid without `export_path`"
+    ):
+        ShrinkOnFitEnd(fold_bn=True)
+    shrinker = ShrinkOnFitEnd(export_path=tmp_path / "m.pt2", fold_bn=True, latency_repeats=1)
+    module = TinyModule(arch="densenet")  # every BatchNorm reads a concatenation or a shared output
+    with pytest.raises(
+        PruningError, match=r"TinyModule has no BatchNorm layer that follows .* before training"
+    ):
+        trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker]).fit(module)
+    assert not (tmp_path / "m.pt2").exists()
+
+
+def test_fold_bn_names_the_batchnorms_it_leaves(tmp_path):
+    class InputNorm(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), self.model)
+
+    shrinker = ShrinkOnFitEnd(export_path=tmp_path / "m.pt2", fold_bn=True, latency_repeats=1)
+    with pytest.warns(UserWarning, match=r"export 1 BatchNorm layer\(s\) of InputNorm unfolded: 'model.0'"):
+        trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker]).fit(InputNorm())
+    assert shrinker.folded == 2
