@@ -1,7 +1,7 @@
 """Property: randomly structured CNNs with random dead channels shrink without changing their outputs."""
 
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from lightning_prune import shrink
@@ -40,6 +40,20 @@ def cnn_specs(draw):
     return specs, size
 
 
+# A grouped conv whose output is concatenated and then coupled by a depthwise conv to the other part:
+# its ties (strides of its own 4 channels) are not the group's (6 channels): refused, not mis-cut.
+@example(
+    spec=([("conv", 2, 3, 1), ("conv", 4, 1, 2), ("cat", 4), ("dw",)], 8),
+    flatten_head=False,
+    fraction=0.5,
+    seed=0,
+)
+@example(
+    spec=([("conv", 2, 3, 1), ("conv", 4, 1, 2), ("cat", 2), ("dw",)], 8),
+    flatten_head=False,
+    fraction=0.5,
+    seed=0,
+)
 @given(
     spec=cnn_specs(),
     flatten_head=st.booleans(),

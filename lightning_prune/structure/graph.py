@@ -465,7 +465,8 @@ class ChannelGraph:
                 width = getattr(module, "num_channels", None) or (
                     module.out_channels if item.producing else module.in_channels
                 )
-                if item.idxs != item.root_idxs or len(item.idxs) != width:
+                # Its ties are strides of its own width: they are the group's only when it spans them all.
+                if item.idxs != item.root_idxs or len(item.idxs) != width or width != channels:
                     reasons.append(f"{label} is a grouped layer behind a concatenation or split")
                 else:
                     ties = math.lcm(ties, split)
