@@ -29,6 +29,9 @@ from lightning_prune.stats import _eval_mode
 from lightning_prune.structure.graph import max_difference, same_outputs
 
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: The forwards of a plain BatchNorm: a subclass with its own (timm's ``BatchNormAct2d`` adds an activation)
+#: computes more than the affine map, and replacing it by ``nn.Identity`` would drop the rest.
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ def fold_plan(model: nn.Module, example_inputs: ExampleInputs) -> FoldPlan:
             hooks.append(module.register_forward_hook(layer_hook))
         elif isinstance(module, _BatchNorm):
             hooks.append(module.register_forward_pre_hook(norm_hook))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = [(p, p.requires_grad) for p in model.parameters() if p.is_floating_point()]
     try:
         for p, _ in flags:
             p.requires_grad_(True)
@@ -189,6 +192,8 @@ def _refusal(
     if layer is None:
         return "its input is not the output of a Conv1d/2d/3d or Linear layer (e.g. an addition, a pooling)"
     where = f"after {names[layer]!r}"
+    if type(bn).forward not in _PLAIN_FORWARDS:
+        return f"{where}: {type(bn).__name__} has its own forward (it may compute more than the BatchNorm)"
     if bn.running_mean is None or bn.running_var is None:
         return f"{where}: it has no running statistics (track_running_stats=False), so it uses batch ones"
     if calls[bn] != 1 or calls[layer] != 1:

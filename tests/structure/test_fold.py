@@ -165,3 +165,30 @@ def test_the_plan_of_a_training_model_changes_no_statistics_nor_mode():
     plan = fold_plan(model, torch.randn(4, 3, 8, 8))
     assert plan.pairs == {"features.1": "features.0", "features.4": "features.3"}
     assert model.training and torch.equal(model.features[1].running_mean, before)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass with an activation in its own forward (as timm's ``BatchNormAct2d``)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_refused_not_replaced():
+    # Replacing it by Identity would drop its activation: refused in the plan, left in the copy.
+    model = randomise_norms(
+        nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    )
+    x = torch.randn(2, 3, 6, 6)
+    plan = fold_plan(model, x)
+    assert plan.pairs == {"3": "2"}
+    assert "own forward" in plan.refused["1"]
+    folded = fold_batchnorm(model, x, strict=False)
+    assert isinstance(folded[1], BatchNormAct) and isinstance(folded[3], nn.Identity)
+
+
+def test_an_integer_parameter_does_not_stop_the_plan():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.register_parameter("step", nn.Parameter(torch.tensor([3]), requires_grad=False))
+    assert fold_plan(model, torch.randn(2, 3, 6, 6)).pairs == {"1": "0"}
+    assert not model.step.requires_grad
