@@ -7,7 +7,6 @@ import numbers
 import os
 import statistics
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from importlib.util import find_spec
 from pathlib import Path
@@ -76,7 +75,8 @@ class ShrinkOnFitEnd(Callback):
             pass over each feature map fewer at inference. Only the exported copy is folded: the module
             and the ``save_path`` checkpoint keep their BatchNorm layers. Checked in ``on_fit_start``:
             BatchNorms that cannot be folded (e.g. after an addition) are named in a warning and exported
-            as they are; a model with none to fold is refused.
+            as they are; a model with none to fold is refused. A fold that fails at the end of fit (one
+            that would change the outputs) exports the model unfolded, with a warning saying why.
         latency_modes: Other ways of running the model whose latency (batch ``latency_batch_size``) is
             measured at the start and at the end of fit too: ``"channels_last"`` (NHWC copy) and
             ``"compile"`` (``torch.compile`` of a copy; compiling takes seconds to minutes, and a mode that
@@ -258,9 +258,10 @@ class ShrinkOnFitEnd(Callback):
             example = self._example(trainer, pl_module)
             deployed = pl_module
             if self.fold_bn:
-                with warnings.catch_warnings():  # the unfoldable ones were named in on_fit_start
-                    warnings.simplefilter("ignore")
+                try:  # the ones fold_plan refused were named in on_fit_start
                     deployed = fold_batchnorm(pl_module, example, strict=False)
+                except PruningError as err:  # the end of a training is no place to stop
+                    rank_zero_warn(f"ShrinkOnFitEnd(fold_bn=True) exports the model unfolded: {err}")
                 self.folded = _batchnorms(pl_module) - _batchnorms(deployed)
             export_checked(deployed, example, self.export_path, reference=pl_module)
         before = self._before or self._measure(trainer, pl_module)

@@ -307,6 +307,7 @@ class ChannelGraph:
                 "Leave these layers out (`exclude`/`frozen`) and please report the model."
             ) from err
         self._groups = self._shape_cache = None
+        self._indices = {}  # the next listing makes new index lists
         return done
 
     # -- internals ---------------------------------------------------------------------------------

@@ -281,3 +281,21 @@ def test_fold_bn_names_the_batchnorms_it_leaves(tmp_path):
     with pytest.warns(UserWarning, match=r"export 1 BatchNorm layer\(s\) of InputNorm unfolded: 'model.0'"):
         trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker]).fit(InputNorm())
     assert shrinker.folded == 2
+
+
+def test_a_fold_that_fails_at_the_end_exports_unfolded_and_the_fit_finishes(tmp_path, monkeypatch):
+    def failing(model, example, strict):
+        raise PruningError("`fold_batchnorm` cannot fold 1 BatchNorm layer(s) of TinyModule: 'x'")
+
+    monkeypatch.setattr("lightning_prune.callbacks.shrink.fold_batchnorm", failing)
+    shrinker = ShrinkOnFitEnd(
+        save_path=tmp_path / "small.pt", export_path=tmp_path / "m.pt2", fold_bn=True, latency_repeats=1
+    )
+    module = TinyModule()
+    with pytest.warns(UserWarning, match=r"exports the model unfolded: `fold_batchnorm` cannot fold"):
+        trainer(tmp_path, [SNIPCallback(limit=0.5, structured=True), shrinker], max_epochs=1).fit(module)
+    ops = {
+        str(n.target) for n in torch.export.load(tmp_path / "m.pt2").graph.nodes if n.op == "call_function"
+    }
+    assert any("batch_norm" in op for op in ops)  # exported as it is
+    assert (tmp_path / "small.pt").exists() and shrinker.folded == 0 and shrinker.report is not None

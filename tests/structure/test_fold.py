@@ -192,3 +192,34 @@ def test_an_integer_parameter_does_not_stop_the_plan():
     model.register_parameter("step", nn.Parameter(torch.tensor([3]), requires_grad=False))
     assert fold_plan(model, torch.randn(2, 3, 6, 6)).pairs == {"1": "0"}
     assert not model.step.requires_grad
+
+
+class _ConvReadOutsideAutograd(nn.Module):
+    """Conv → BN whose conv output is also read by a comparison: the trace cannot see that reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c, self.d = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.d(self.c(self.b(y) * (y > 0)))
+
+
+def test_a_pair_that_changes_the_outputs_is_left_and_the_others_fold():
+    torch.manual_seed(0)
+    model = _ConvReadOutsideAutograd().eval()
+    with torch.no_grad():
+        for bn in (model.b, model.d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    assert set(fold_plan(model, x).pairs) == {"b", "d"}  # the trace sees no other reader of a's output
+    with pytest.raises(PruningError, match=r"'b' \(folding it into 'a' changed the outputs"):
+        fold_batchnorm(model, x)
+    with pytest.warns(UserWarning, match="left 1 more BatchNorm"):
+        folded = fold_batchnorm(model, x, strict=False)
+    assert isinstance(folded.b, nn.BatchNorm2d) and isinstance(folded.d, nn.Identity)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(folded.a.weight, model.a.weight)  # the undone fold left the conv as it was
