@@ -142,10 +142,10 @@ def test_dead_channels_found_by_weight_rows_alone_also_when_read_in_chunks(monke
     # The rows are read in chunks (a tiny chunk size forces several), in either dimension layout.
     graph_module = importlib.import_module("lightning_prune.structure.graph")
     monkeypatch.setattr(graph_module, "_CHUNK", 64)
-    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
     with torch.no_grad():
-        model[0].bias.zero_()
-        model[0].weight[[1, 4, 5, 8]] = 0
+        model[0].bias[[1, 4, 5, 8, 9]] = 0  # fewer than half the rows left in question: copied out
+        model[0].weight[[1, 4, 5, 8, 9]] = 0
         model[0].weight[9, 2] = 1e-30  # one tiny non-zero entry keeps a channel
     assert ChannelGraph(model, torch.randn(2, 6)).dead_channels() == {"0": [1, 4, 5, 8]}
 

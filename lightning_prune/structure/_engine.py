@@ -358,8 +358,8 @@ class Engine:
         if sizes[where] != channels:
             return f"a {name} of a {list(sizes)} tensor whose channels cannot be located"
         flatten = len(out) == 2 and (out[0], out[1]) == (sizes[0], math.prod(sizes[1:]))
-        if kind == "reshape" and where == 1 and len(sizes) > 2 and flatten:
-            return "engine"
+        if kind == "reshape" and where == 1 and len(sizes) > 2 and flatten and math.prod(sizes[2:]) > 1:
+            return "engine"  # a flatten of 1×1 maps (after global pooling) keeps every channel where it is
         if [d for d in sizes if d != 1] == [d for d in out if d != 1] or _follow(
             sizes, out, where
         ) is not None:

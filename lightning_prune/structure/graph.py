@@ -216,16 +216,14 @@ class ChannelGraph:
             producing.sort(key=lambda s: tensors[s.param].numel())
             for k, s in enumerate(producing):
                 t, positions, channels = tensors[s.param].detach(), s.positions, s.channels
-                if k == 0:  # the smallest tensor: read whole
-                    nonzero = _nonzero_rows(t.movedim(s.dim, 0).reshape(t.shape[s.dim], -1))[positions]
-                else:
+                if k:
                     if bool(alive.all()):
                         break
                     open_ = ~alive[channels]
                     positions, channels = positions[open_], channels[open_]
                     if not positions.numel():
                         continue
-                    nonzero = _nonzero_at(t, s.dim, positions)
+                nonzero = _nonzero_at(t, s.dim, positions)
                 alive[channels[nonzero]] = True
             dead[group.name] = torch.nonzero(~alive).flatten().tolist()
         return dead
@@ -603,9 +601,12 @@ _CHUNK = 4 << 20  # bytes
 def _nonzero_at(t: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
     """Which of the ``positions`` along ``dim`` of ``t`` hold a non-zero entry.
 
-    The rows are copied out in chunks of at most ``_CHUNK`` bytes into one reused buffer: fresh memory
-    for one large copy would cost more than reading the whole tensor.
+    Most of the rows: the whole tensor is read in place. Fewer: they are copied out in chunks of at most
+    ``_CHUNK`` bytes into one reused buffer (fresh memory for one large copy costs more than reading the
+    whole tensor).
     """
+    if 2 * len(positions) >= t.shape[dim]:
+        return _nonzero_rows(t.movedim(dim, 0).reshape(t.shape[dim], -1))[positions]
     row = t.numel() // max(t.shape[dim], 1) * t.element_size()
     buffer, found = t.new_empty(0), []
     for part in positions.to(t.device).split(max(1, _CHUNK // max(row, 1))):
