@@ -32,7 +32,6 @@ runs on its fallback kernel, once as ATen chooses and once through oneDNN (NCHW,
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import sys
@@ -42,12 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from speedup import build, latency, timing_parser  # noqa: E402
 
 from lightning_prune import prune_channels  # noqa: E402
 from lightning_prune.structure import fold_batchnorm  # noqa: E402
@@ -76,11 +77,6 @@ class Run:
     ms: dict[str, float] = field(default_factory=dict)
     macs: dict[str, int] = field(default_factory=dict)
     slow: tuple[int, int, float] = (0, 0, 0.0)  # convs on the fallback kernel, all convs, their ms
-
-
-def build(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, num_classes=1000).eval()
 
 
 def prepare(model: nn.Module, x: torch.Tensor, mode: str) -> tuple[nn.Module, torch.Tensor]:
@@ -158,18 +154,6 @@ def profiled(
         ms[kind(event)] += event.cpu_time_total / 1e3 / calls
     ms["rest"] = max(0.0, 1e3 * wall / calls - sum(ms.values()))
     return ms, (slow_calls // calls, convs // calls, slow_us / 1e3 / calls)
-
-
-def latency(model: nn.Module, x: torch.Tensor, calls: int) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> dict[tuple[str, str], Run]:
@@ -315,12 +299,7 @@ def _median_us(func, args: tuple, repeats: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--models", nargs="+", help="limit to these model names")
+    parser = timing_parser(__doc__)
     parser.add_argument("--out", type=Path, help="write the markdown tables here")
     parser.add_argument("--kernels", action="store_true", help="time fallback-kernel convolutions alone")
     args = parser.parse_args(argv)

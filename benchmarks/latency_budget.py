@@ -22,7 +22,6 @@ Not part of the package: an experiment whose result is reported in docs/benchmar
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from speedup import build, latency, prepare  # noqa: E402
+from speedup import build, latency, prepare, timing_parser  # noqa: E402
 
 import lightning_prune.structure.latency as lut  # noqa: E402
 from lightning_prune import ChannelGraph, model_stats  # noqa: E402
@@ -160,12 +159,7 @@ def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--calls", type=int, default=10)
-    parser.add_argument("--models", nargs="+", help="limit to these model names")
+    parser = timing_parser(__doc__)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"`{' '.join(['python', *sys.argv])}` — torch {torch.__version__}, 1 thread, batch 1\n")

@@ -213,13 +213,17 @@ def render_efficiency(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def timing_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every latency benchmark here takes: rounds, calls per round, which models."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--models", nargs="+", help="limit to these model names")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = timing_parser(__doc__)
     parser.add_argument("--out", type=Path, help="write the markdown table here")
     parser.add_argument(
         "--modes", nargs="+", choices=MODES, default=["eager"], help="ways of running the models (see above)"
