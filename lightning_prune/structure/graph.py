@@ -305,7 +305,7 @@ class ChannelGraph:
                 "Leave these layers out (`exclude`/`frozen`) and please report the model."
             ) from err
         self._groups = self._shape_cache = None
-        self._indices = {}  # the next listing makes new index lists
+        self._indices, self._specs = {}, {}  # new index lists; layer specs may depend on sizes (PReLU)
         return done
 
     # -- internals ---------------------------------------------------------------------------------
