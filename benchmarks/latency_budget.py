@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from speedup import build, latency, prepare, timing_parser  # noqa: E402
+from speedup import alternating_rounds, build, prepare, timing_parser  # noqa: E402
 
 import lightning_prune.structure.latency as lut  # noqa: E402
 from lightning_prune import ChannelGraph, model_stats  # noqa: E402
@@ -137,11 +137,7 @@ def bench(name: str, amount: float, size: int, repeats: int, calls: int) -> list
         models[key] = model
     macs = {k: model_stats(m, x).macs for k, m in models.items()}
     runs = {(k, mode): prepare(m, x, mode) for mode in ("eager", "deploy") for k, m in models.items()}
-    rounds: dict = {key: [] for key in runs}
-    order = list(runs)
-    for r in range(repeats):
-        for key in order if r % 2 == 0 else reversed(order):
-            rounds[key].append(latency(*runs[key], calls))
+    rounds = alternating_rounds(runs, repeats, calls)
     rows = []
     for (key, mode), times in rounds.items():
         if key == "dense":

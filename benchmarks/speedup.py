@@ -137,11 +137,7 @@ def bench(
         for key, model in variants.items()
         if mode == "eager" or key in DEPLOYED
     }
-    rounds: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
-    order = list(runs)
-    for r in range(repeats):
-        for key in order if r % 2 == 0 else reversed(order):
-            rounds[key].append(latency(*runs[key], calls))
+    rounds = alternating_rounds(runs, repeats, calls)
     rows = []
     for (key, mode), times in rounds.items():
         model = variants[key]
@@ -211,6 +207,16 @@ def render_efficiency(rows: list[dict]) -> str:
             f"{speedup / best['macs_reduction']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def alternating_rounds(runs: dict, repeats: int, calls: int) -> dict:
+    """Key → latency per round of ``runs[key] = (model, input)``, the order reversed every other round."""
+    rounds: dict = {key: [] for key in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for key in order if r % 2 == 0 else reversed(order):
+            rounds[key].append(latency(*runs[key], calls))
+    return rounds
 
 
 def timing_parser(doc: str | None) -> argparse.ArgumentParser:
