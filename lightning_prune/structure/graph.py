@@ -136,7 +136,8 @@ class ChannelGraph:
         self._groups: dict[str, ChannelGroup] | None = None
         self._heads: dict = {}
         self._shape_cache: dict[str, torch.Size] | None = None
-        self._specs: dict[tuple[int, bool | None], list] = {}  # (id(layer), producing) -> layer_spec
+        self._specs: dict[tuple[int, bool], list] = {}  # (id(layer), producing) -> layer_spec
+        self._unresized_of: dict[int, list[str]] = {}  # id(layer) -> unresized_tensors
         self._indices: dict[int, tuple[list[int], torch.Tensor]] = {}  # id(list) -> (list, tensor)
 
     @property
@@ -516,10 +517,9 @@ class ChannelGraph:
         return self._specs[key]
 
     def _unresized(self, module: nn.Module) -> list[str]:
-        key = (id(module), None)
-        if key not in self._specs:
-            self._specs[key] = unresized_tensors(module)
-        return self._specs[key]
+        if id(module) not in self._unresized_of:
+            self._unresized_of[id(module)] = unresized_tensors(module)
+        return self._unresized_of[id(module)]
 
     def _index(self, idxs: list[int]) -> torch.Tensor:
         """``idxs`` as a tensor; the items of a listed group share one list per group, converted once."""
