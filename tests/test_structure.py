@@ -150,6 +150,37 @@ def test_dead_channels_found_by_weight_rows_alone_also_when_read_in_chunks(monke
     assert ChannelGraph(model, torch.randn(2, 6)).dead_channels() == {"0": [1, 4, 5, 8]}
 
 
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    dim_seed=st.integers(0, 3),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64]),
+    transposed=st.booleans(),
+    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([8, 64, 4 << 20]),
+)
+def test_nonzero_at_tells_every_row_with_a_non_zero_entry(shape, dim_seed, dtype, transposed, seed, chunk):
+    # Every path (NumPy vector, first-entry probe then whole rows, in place, chunked copies, torch
+    # dtypes NumPy lacks, non-contiguous layouts) against the plain definition.
+    graph_module = importlib.import_module("lightning_prune.structure.graph")
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.3)  # mostly zero rows
+    if t.dim() > 1:
+        t[0].view(-1)[0] = 2.0  # a row alive by its first entry alone
+    if transposed and t.dim() > 1:
+        t = t.transpose(0, -1)
+    t = t.to(dtype)
+    dim = dim_seed % t.dim()
+    positions = torch.randperm(t.shape[dim], generator=g)[: 1 + seed % t.shape[dim]].numpy()
+    expected = (t.movedim(dim, 0).reshape(t.shape[dim], -1) != 0).any(1)[positions].numpy()
+    old = graph_module._CHUNK
+    graph_module._CHUNK = chunk
+    try:
+        found = graph_module._nonzero_at(t, dim, positions)
+    finally:
+        graph_module._CHUNK = old
+    assert found.dtype == bool and found.tolist() == expected.tolist()
+
+
 def test_residual_channel_dead_in_one_branch_only_stays():
     model = TinyResNet()
     zero_channels(model, [("stem.0", [1]), ("stem.1", [1]), ("blocks.0.3", [1]), ("blocks.0.4", [1])])

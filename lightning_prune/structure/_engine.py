@@ -178,27 +178,35 @@ class Engine:
                 )
             return found
 
+    def reusable(self, root: nn.Module) -> bool:
+        """Whether ``root``'s listed group stays valid through other groups' prunes (no index mapping).
+
+        Its entries then sit at the positions listed, and :meth:`cut_listed` removes channels from it.
+        """
+        listed = self._listed.get(root)
+        return listed is not None and all(dep.target.type not in _PROPAGATED for dep, _, _ in listed)
+
+    def cut_listed(self, root: nn.Module, channels: list[int]) -> None:
+        """Remove ``channels`` of a :meth:`reusable` group from every layer of it, in place.
+
+        The listed group, cut down to these channels, is the group the engine would build again (other
+        groups' prunes cannot move its entries), so no group is built.
+        """
+        chosen, same = set(channels), list(channels)
+        for dep, idxs, roots in self._listed[root]:
+            if idxs is None:  # every channel at its own index
+                dep(same)
+                continue
+            keep = [idxs[k] for k, r in enumerate(roots) if r in chosen]
+            if keep:
+                dep(keep)
+
     def prune(self, root: nn.Module, channels: list[int]) -> list[Item]:
         """Remove ``channels`` of ``root``'s group from every layer of it, in place; return its items.
 
         Index mappings are refreshed before the group is built, for the nodes earlier prunes touched
         (all of them on the first call): one refresh per pruned group, of what changed.
         """
-        listed = self._listed.get(root)
-        if listed is not None and all(dep.target.type not in _PROPAGATED for dep, _, _ in listed):
-            # No index mapping between its layers: the listed group, cut down to these channels, is
-            # the group the engine would build again (other groups' prunes cannot move its entries).
-            chosen, entries, same = set(channels), [], list(channels)  # one list: converted once
-            for dep, idxs, roots in listed:
-                if idxs is None:
-                    entries.append((dep, same, same))
-                    continue
-                keep = [k for k, r in enumerate(roots) if r in chosen]  # ints: no garbage to collect
-                if keep:
-                    entries.append((dep, [idxs[k] for k in keep], [roots[k] for k in keep]))
-            for dep, idxs, _ in entries:
-                dep(idxs)
-            return [self._item(dep, idxs, roots) for dep, idxs, roots in entries]
         with _refresh_only(self._dg, self._stale):
             group = self._group(root, channels)
         group.prune(record_history=False)
@@ -496,10 +504,12 @@ def _refresh_only(dg, stale: set | None) -> Iterator[None]:
     refresh = _index_mapping.update_index_mapping
     if stale is None:
         refresh(dg)
+        # The engine puts flatten mappings around linear layers and reshapes only.
+        stale = [n for n in dg.module2node.values() if n.type in (_OPS.LINEAR, _OPS.RESHAPE)]
     else:
         for node in stale:
             _REFRESH[node.type](dg, node)
-    _fast_flattens(dg, dg.module2node.values() if stale is None else stale)
+    _fast_flattens(dg, stale)
     _index_mapping.update_index_mapping = lambda graph: None
     try:
         yield

@@ -151,6 +151,8 @@ def _gpt2(name: str, m: nn.Module) -> HeadLayout | None:
 
 #: Recognisers, tried in order on every module.
 LAYOUTS: tuple[Callable[[str, nn.Module], HeadLayout | None], ...] = (_timm, _bert, _llama, _gpt2)
+#: A child every recogniser needs one of (qkv, self/attention, q_proj, c_attn): modules without are skipped.
+_PROJECTIONS = frozenset({"qkv", "self", "attention", "q_proj", "c_attn"})
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -160,7 +162,7 @@ def find_heads(model: nn.Module) -> list[HeadLayout]:
     """Every attention module of ``model`` whose heads can be removed, with its layout."""
     found = []
     for name, module in model.named_modules():
-        if not module._modules or isinstance(module, _CONTAINERS):  # layouts have projections as children
+        if _PROJECTIONS.isdisjoint(module._modules) or isinstance(module, _CONTAINERS):
             continue
         for layout in LAYOUTS:
             if (head := layout(name, module)) is not None:

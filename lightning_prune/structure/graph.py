@@ -8,8 +8,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune._inputs import (
@@ -22,7 +24,7 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _buffers_restored, _eval_mode, _mha_fastpath_disabled, counted_stats
+from lightning_prune.stats import _eval_mode, _mha_fastpath_disabled, _reads_buffers_only, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
@@ -110,13 +112,8 @@ class ChannelGraph:
     def _build(self, counter: FlopCounterMode | None = None) -> None:
         model = self.model
         inputs = _leaf_copies(self.example_inputs)
-        with (
-            _eval_mode(model),
-            _buffers_restored(model),
-            _new_hooks_removed(model),
-            _mha_fastpath_disabled(),  # the fused kernel hides its operations from the trace and the count
-            _all_trainable(model),  # the trace follows autograd: frozen layers must record it too
-        ):
+        # The fused attention kernel hides its operations from the trace and the count.
+        with _traced_as_is(model), _mha_fastpath_disabled():
             try:
                 self._engine = Engine(model, inputs, self.time_budget, counter)
             except PruningError as err:
@@ -138,7 +135,8 @@ class ChannelGraph:
         self._shape_cache: dict[str, torch.Size] | None = None
         self._specs: dict[tuple[int, bool], list] = {}  # (id(layer), producing) -> layer_spec
         self._unresized_of: dict[int, list[str]] = {}  # id(layer) -> unresized_tensors
-        self._indices: dict[int, tuple[list[int], torch.Tensor]] = {}  # id(list) -> (list, tensor)
+        self._indices: dict[int, tuple[list[int], torch.Tensor, int]] = {}  # id(list) -> (list, tensor, max)
+        self._maxima: dict[int, tuple[torch.Tensor, int]] = {}  # id(index tensor) -> (it, its max)
 
     @property
     def groups(self) -> list[ChannelGroup]:
@@ -210,23 +208,23 @@ class ChannelGraph:
         for group in self.groups:
             if not group.prunable:
                 continue
-            alive = torch.zeros(group.size, dtype=torch.bool)
+            # Index arithmetic in NumPy: these arrays are small, and a torch call costs microseconds each.
+            alive = np.zeros(group.size, dtype=bool)
             producing = [s for s in group.slices if s.role in ("out", "norm")]
             # Small tensors first (biases, norm affines): a channel found alive there needs no look at
             # its weight rows, which are then read only for the channels still in question.
             producing.sort(key=lambda s: tensors[s.param].numel())
             for k, s in enumerate(producing):
-                t, positions, channels = tensors[s.param].detach(), s.positions, s.channels
+                positions, channels = s.positions.numpy(), s.channels.numpy()
                 if k:
-                    if bool(alive.all()):
+                    if alive.all():
                         break
                     open_ = ~alive[channels]
-                    positions, channels = positions[open_], channels[open_]
-                    if not positions.numel():
+                    if not open_.any():
                         continue
-                nonzero = _nonzero_at(t, s.dim, positions)
-                alive[channels[nonzero]] = True
-            dead[group.name] = torch.nonzero(~alive).flatten().tolist()
+                    positions, channels = positions[open_], channels[open_]
+                alive[channels[_nonzero_at(tensors[s.param].detach(), s.dim, positions)]] = True
+            dead[group.name] = np.flatnonzero(~alive).tolist()
         return dead
 
     def prune(
@@ -306,7 +304,7 @@ class ChannelGraph:
                 "Leave these layers out (`exclude`/`frozen`) and please report the model."
             ) from err
         self._groups = self._shape_cache = None
-        self._indices, self._specs = {}, {}  # new index lists; layer specs may depend on sizes (PReLU)
+        self._indices, self._maxima, self._specs = {}, {}, {}  # new index lists; specs may depend on sizes
         return done
 
     # -- internals ---------------------------------------------------------------------------------
@@ -346,14 +344,20 @@ class ChannelGraph:
         for group, idx in plan:
             root = self._roots[group.name]
             stride = self._engine.out_channels(root) // group.ties
-            channels = sorted(c + k * stride for c in idx for k in range(group.ties))
-            items = self._engine.prune(root, channels)
+            channels = (
+                idx if group.ties == 1 else sorted(c + k * stride for c in idx for k in range(group.ties))
+            )
+            if not heads and self._engine.reusable(root):  # its slices still say where the channels are
+                self._engine.cut_listed(root, channels)
+                removals = _removals(group, idx)
+            else:
+                items = self._engine.prune(root, channels)
+                removals = [
+                    Removal(s.param, s.dim, s.positions) for i in items for s in self._slices_of(i, stride)
+                ]
             # One group cuts each entry once (tied names and repeated items are one cut); two groups may
             # cut the same positions of a tensor one after the other, and both cuts are real.
-            done += _dedupe(
-                [Removal(s.param, s.dim, s.positions) for i in items for s in self._slices_of(i, stride)],
-                self._aliases,
-            )
+            done += _dedupe(removals, self._aliases)
         return done
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -489,7 +493,10 @@ class ChannelGraph:
         shapes, top = self._shapes(), {}  # slices share their position tensors: one max each
         for s in slices:
             if id(s.positions) not in top:
-                top[id(s.positions)] = int(s.positions.max())
+                known = self._maxima.get(id(s.positions))
+                top[id(s.positions)] = (
+                    known[1] if known and known[0] is s.positions else int(s.positions.max())
+                )
         if any(s.param not in shapes or top[id(s.positions)] >= shapes[s.param][s.dim] for s in slices):
             reasons.append("the traced dependencies do not fit the layer shapes")
         if probe is not None and _entries(items, only=0) != _entries(probe):
@@ -518,24 +525,28 @@ class ChannelGraph:
 
     def _unresized(self, module: nn.Module) -> list[str]:
         if id(module) not in self._unresized_of:
-            self._unresized_of[id(module)] = unresized_tensors(module)
+            specs = [self._spec(module, True), self._spec(module, False)]
+            self._unresized_of[id(module)] = unresized_tensors(module, specs)
         return self._unresized_of[id(module)]
 
-    def _index(self, idxs: list[int]) -> torch.Tensor:
-        """``idxs`` as a tensor; the items of a listed group share one list per group, converted once."""
+    def _index(self, idxs: list[int]) -> tuple[torch.Tensor, int]:
+        """``idxs`` as a tensor, and its max; a listed group's items share one list: converted once."""
         found = self._indices.get(id(idxs))
         if found is None or found[0] is not idxs:
-            found = self._indices[id(idxs)] = (idxs, torch.as_tensor(idxs, dtype=torch.long))
-        return found[1]
+            array = np.asarray(idxs, dtype=np.int64)  # NumPy converts a list of ints several times faster
+            found = self._indices[id(idxs)] = (idxs, torch.from_numpy(array), int(array.max()))
+            self._maxima[id(found[1])] = found[1:]
+        return found[1], found[2]
 
     def _slices_of(self, item: Item, stride: int) -> list[ParamSlice]:
         """Where the item's indices sit in the parameters and buffers of its layer."""
         label = self._label(item.module)
         if label is None or not item.idxs:
             return []
-        positions = self._index(item.idxs)
-        channels = positions if item.root_idxs == item.idxs else self._index(item.root_idxs)
-        if channels.numel() and int(channels.max()) >= stride:
+        positions, _ = self._index(item.idxs)
+        same = item.root_idxs is item.idxs or item.root_idxs == item.idxs
+        channels, top = (positions, _) if same else self._index(item.root_idxs)
+        if top >= stride:
             channels = channels % stride
         module = item.module
         if item.kind == "parameter":
@@ -598,28 +609,55 @@ def prune_or_refuse(
 _CHUNK = 4 << 20  # bytes
 
 
-def _nonzero_at(t: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
-    """Which of the ``positions`` along ``dim`` of ``t`` hold a non-zero entry.
+def _nonzero_at(t: torch.Tensor, dim: int, positions: np.ndarray) -> np.ndarray:
+    """Which of the ``positions`` along ``dim`` of ``t`` hold a non-zero entry (NaN counts as non-zero).
+
+    On the CPU, through NumPy: a vector is read directly; of a matrix or kernel, the first entry of each
+    row is read first, and only the rows that start with zero are read whole (rows of live weights
+    rarely do: at most they are read at once).
+    """
+    numpy = t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS
+    if numpy and t.dim() == 1:
+        return t.numpy()[positions] != 0
+    if numpy and dim == 0 and t.is_contiguous() and t.numel():
+        found = t.numpy().reshape(len(t), -1)[positions, 0] != 0
+        if not found.all():
+            unsure = ~found
+            found[unsure] = _nonzero_rows_at(t, dim, positions[unsure])
+        return found
+    return _nonzero_rows_at(t, dim, positions)
+
+
+def _nonzero_rows_at(t: torch.Tensor, dim: int, positions: np.ndarray) -> np.ndarray:
+    """:func:`_nonzero_at` by reading whole rows.
 
     Most of the rows: the whole tensor is read in place. Fewer: they are copied out in chunks of at most
-    ``_CHUNK`` bytes into one reused buffer (fresh memory for one large copy costs more than reading the
-    whole tensor).
+    ``_CHUNK`` bytes into one reused buffer (fresh memory for one large copy costs more than reading
+    the whole tensor).
     """
-    if 2 * len(positions) >= t.shape[dim]:
-        return _nonzero_rows(t.movedim(dim, 0).reshape(t.shape[dim], -1))[positions]
-    row = t.numel() // max(t.shape[dim], 1) * t.element_size()
+    n = t.shape[dim]
+    if 2 * len(positions) >= n:
+        return _nonzero_rows((t.movedim(dim, 0) if dim else t).reshape(n, -1))[positions]
+    index = torch.from_numpy(positions).to(t.device)
+    step = max(1, _CHUNK // max(t.numel() // max(n, 1) * t.element_size(), 1))
+    if len(positions) <= step:  # one chunk
+        rows = torch.index_select(t, dim, index)
+        return _nonzero_rows((rows.movedim(dim, 0) if dim else rows).reshape(len(positions), -1))
     buffer, found = t.new_empty(0), []
-    for part in positions.to(t.device).split(max(1, _CHUNK // max(row, 1))):
+    for part in index.split(step):
         torch.index_select(t, dim, part, out=buffer.resize_(0))  # resize_(0) keeps the storage
         found.append(_nonzero_rows(buffer.movedim(dim, 0).reshape(len(part), -1)))
-    return torch.cat(found) if len(found) > 1 else found[0]
+    return np.concatenate(found)
 
 
-def _nonzero_rows(t: torch.Tensor) -> torch.Tensor:
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _nonzero_rows(t: torch.Tensor) -> np.ndarray:
     """Which rows of a 2-D tensor hold a non-zero entry (NaN counts as non-zero)."""
     if t.is_floating_point():  # an L1 norm reads memory faster than `any`
-        return (torch.linalg.vector_norm(t, 1, dim=1) != 0).cpu()
-    return t.any(1).cpu()
+        return (torch.linalg.vector_norm(t, 1, dim=1) != 0).cpu().numpy()
+    return t.any(1).cpu().numpy()
 
 
 def _groups_of(module, kind: str) -> int:
@@ -628,6 +666,21 @@ def _groups_of(module, kind: str) -> int:
     if kind == "gn":
         return module.num_groups
     return 1
+
+
+def _removals(group: ChannelGroup, channels: Sequence[int]) -> list[Removal]:
+    """The entries of ``channels`` of ``group`` in each of its slices, as removals in slice order."""
+    gone = np.zeros(group.size, dtype=bool)
+    gone[list(channels)] = True
+    out, cut = [], {}  # slices mostly share their index tensors: cut each pair once
+    for s in group.slices:
+        key = (id(s.positions), id(s.channels))
+        if key not in cut:
+            hit = gone[s.channels.numpy()]
+            cut[key] = torch.from_numpy(s.positions.numpy()[hit]) if hit.any() else None
+        if cut[key] is not None:
+            out.append(Removal(s.param, s.dim, cut[key]))
+    return out
 
 
 def _producing(group: ChannelGroup, channels: Sequence[int]) -> list[ParamSlice]:
@@ -645,7 +698,7 @@ def _producing(group: ChannelGroup, channels: Sequence[int]) -> list[ParamSlice]
 
 def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str, torch.Size]) -> str | None:
     """The first parameter that would lose every entry along a dim if ``channels`` went, if any."""
-    gone = torch.zeros(group.size, dtype=torch.bool)
+    gone = np.zeros(group.size, dtype=bool)
     gone[list(channels)] = True
     counted: dict[int, int] = {}  # slices of one group mostly share their channel map: count it once
     for s in group.slices:
@@ -653,7 +706,7 @@ def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str
         if len(s.positions) < size:
             continue
         if (n := counted.get(id(s.channels))) is None:
-            n = counted[id(s.channels)] = int(gone[s.channels].sum())
+            n = counted[id(s.channels)] = int(gone[s.channels.numpy()].sum())
         if n >= size:
             return s.param
     return None
@@ -662,7 +715,8 @@ def emptied_by(group: ChannelGroup, channels: Sequence[int], shapes: Mapping[str
 def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal]:
     seen, out = set(), []
     for r in removals:
-        r = Removal(aliases.get(r.param, r.param), r.dim, r.index)
+        if (first := aliases.get(r.param, r.param)) != r.param:
+            r = Removal(first, r.dim, r.index)
         key = (r.param, r.dim, r.index.numpy().tobytes())
         if key not in seen:
             seen.add(key)
@@ -690,34 +744,49 @@ def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
         setattr(model.get_submodule(owner), attr, a)
 
 
-_CONTAINERS = (dict, list, set, OrderedDict)
-
-
 class _Snapshot:
     """Every module's attributes by reference: surgery replaces tensors, so this restores the model.
 
     The engine never writes into a tensor: it builds smaller ones and sets them as attributes. Keeping
-    each module's attribute dictionaries (and copies of list/dict/set attributes, which it may edit in
-    place) is therefore enough to undo it exactly, at no memory cost.
+    each module's attribute dictionary, and the contents of its parameter, buffer and submodule tables
+    and of its own list/dict/set attributes (which surgery may edit in place), is therefore enough to
+    undo it exactly, at no memory cost. Hook tables are kept by reference only: surgery adds no hooks.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self._state = []
         for module in model.modules():
-            attrs = {}
-            for key, value in vars(module).items():  # inline: a function call per value costs more
-                kind = type(value)
-                if kind in _CONTAINERS:
-                    value = kind(value) if value else kind()  # most are empty hook dictionaries
-                elif isinstance(value, _CONTAINERS):
-                    value = copy.copy(value)
-                attrs[key] = value
-            self._state.append((module, attrs))
+            attrs = vars(module).copy()
+            contents = [
+                (table, table.copy())
+                for table in (
+                    module._parameters,
+                    module._buffers,
+                    module._modules,
+                    module._non_persistent_buffers_set,
+                )
+                if table
+            ]
+            for key in attrs.keys() - _MODULE_ATTRS:  # its own attributes
+                value = attrs[key]
+                if type(value) in _CONTAINERS or isinstance(value, _CONTAINERS):
+                    contents.append((value, copy.copy(value)))
+            self._state.append((module, attrs, contents))
 
     def restore(self) -> None:
-        for module, attrs in self._state:
+        for module, attrs, contents in self._state:
             vars(module).clear()
             vars(module).update(attrs)
+            for container, content in contents:
+                if isinstance(container, list):
+                    container[:] = content
+                else:
+                    container.clear()
+                    container.update(content)
+
+
+_CONTAINERS = (dict, list, set, OrderedDict)
+_MODULE_ATTRS = frozenset(vars(nn.Module()))  # what every module has (tables, hooks, `training`)
 
 
 class _zeroed:
@@ -742,9 +811,32 @@ class _zeroed:
 
 
 @contextlib.contextmanager
-def _all_trainable(model: nn.Module) -> Iterator[None]:
-    """Every floating-point parameter requires grad inside; each gets its own flag back on exit."""
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+def _traced_as_is(model: nn.Module) -> Iterator[None]:
+    """The model ready to be traced inside; exactly as it was afterwards (one walk over its modules).
+
+    Inside: eval mode, and every floating-point parameter requires grad (the trace follows autograd:
+    frozen layers must record it too). On exit, each module gets back its ``training`` flag, its buffers
+    (tensors and values; PyTorch's own norm layers in eval mode only read theirs) and its forward hooks
+    (the engine leaves its own behind when tracing fails), and each parameter its ``requires_grad``.
+    """
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    hooks = [set(m._forward_hooks) if m._forward_hooks else None for m in modules]
+    if any(modes):
+        model.eval()
+    buffers = [
+        (m, name, buf, buf.detach().clone())
+        for m in modules
+        if m._buffers and not _reads_buffers_only(m)
+        for name, buf in m._buffers.items()
+        if buf is not None and not is_lazy(buf)
+    ]
+    frozen = [
+        p
+        for m in modules
+        for p in m._parameters.values()
+        if p is not None and not p.requires_grad and p.is_floating_point()
+    ]
     for p in frozen:
         p.requires_grad_(True)
     try:
@@ -752,18 +844,18 @@ def _all_trainable(model: nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
-
-
-@contextlib.contextmanager
-def _new_hooks_removed(model: nn.Module) -> Iterator[None]:
-    """Remove the forward hooks added meanwhile: the engine leaves its own behind when tracing fails."""
-    before = {m: set(m._forward_hooks) for m in model.modules()}
-    try:
-        yield
-    finally:
-        for m, keys in before.items():
-            for key in set(m._forward_hooks) - keys:
-                del m._forward_hooks[key]
+        for m, keys in zip(modules, hooks, strict=True):
+            if m._forward_hooks:
+                for key in set(m._forward_hooks) - (keys or set()):
+                    del m._forward_hooks[key]
+        with torch.no_grad():
+            for m, name, buf, values in buffers:
+                m._buffers[name] = buf
+                if buf.shape == values.shape:
+                    buf.copy_(values)
+        for m, training in zip(modules, modes, strict=True):
+            if m.training is not training:  # Module.__setattr__ is slow: only where it changed
+                m.training = training
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:

@@ -149,10 +149,11 @@ def _last_dim_outputs(size: Callable[[nn.Module], int]) -> Outputs:
 # -- transformers' Conv1D (GPT-2): a linear layer with its weight stored (in, out) ------------------------
 def is_conv1d(module: nn.Module) -> bool:
     """Whether ``module`` is Hugging Face's ``Conv1D`` (``y = x @ weight + bias``, weight ``(nx, nf)``)."""
+    if type(module).__name__ != "Conv1D":  # first: the cheapest test, and false for almost every module
+        return False
     weight = getattr(module, "weight", None)
     return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(getattr(module, "nf", None), int)
+        isinstance(getattr(module, "nf", None), int)
         and isinstance(weight, torch.Tensor)
         and weight.dim() == 2
     )
@@ -262,7 +263,17 @@ RESIZABLE = (
 
 def layer_type(module: nn.Module) -> LayerType | None:
     """The row of :data:`LAYERS` for ``module``, or None for a type the table does not know."""
-    return next((row for row in LAYERS if row.matches(module)), None)
+    row = _ROW_OF_TYPE.get(type(module), _UNKNOWN)
+    if row is _UNKNOWN:
+        row = next((r for r in LAYERS if r.matches(module)), None)
+        # Remembered by type unless a row that looks at the instance was asked first (or matched).
+        if row is not None and all(r.match is None for r in LAYERS[: LAYERS.index(row) + 1]):
+            _ROW_OF_TYPE[type(module)] = row
+    return row
+
+
+_UNKNOWN = object()
+_ROW_OF_TYPE: dict[type, LayerType] = {}
 
 
 def layer_spec(module: nn.Module, producing: bool) -> Spec | None:
@@ -270,7 +281,15 @@ def layer_spec(module: nn.Module, producing: bool) -> Spec | None:
     row = layer_type(module)
     if row is None:
         return None
-    return [(a, d, r) for a, d, r in row.slices(module, producing) if getattr(module, a, None) is not None]
+    return [(a, d, r) for a, d, r in row.slices(module, producing) if _has_tensor(module, a)]
+
+
+def _has_tensor(module: nn.Module, name: str) -> bool:
+    """``getattr(module, name, None) is not None``, reading the tensor dictionaries first (faster)."""
+    for table in (module._parameters, module._buffers):
+        if name in table:
+            return table[name] is not None
+    return getattr(module, name, None) is not None
 
 
 def resize_handler(module: nn.Module) -> Resize | None:
@@ -291,13 +310,15 @@ def output_channels(module: nn.Module) -> tuple[int, Callable[[torch.Tensor], in
     return row.outputs(module)
 
 
-def unresized_tensors(module: nn.Module) -> list[str]:
+def unresized_tensors(module: nn.Module, specs: Sequence[Spec | None] | None = None) -> list[str]:
     """Parameters/buffers of a known layer type that the table does not resize (e.g. a conv's extra gain).
 
     Such a layer (a subclass that adds tensors, like weight-standardized convolutions with a gain) would
-    be left inconsistent by surgery, so its groups are refused.
+    be left inconsistent by surgery, so its groups are refused. ``specs``: its producing and consuming
+    :func:`layer_spec`, when the caller has them.
     """
-    known = {a for p in (True, False) for a, _, _ in (layer_spec(module, p) or [])}
+    specs = specs if specs is not None else [layer_spec(module, p) for p in (True, False)]
+    known = {a for spec in specs for a, _, _ in (spec or [])}
     first: dict[int, str] = {}  # one name per tensor, as named_parameters/named_buffers give
     for tensors in (module._parameters, module._buffers):
         for n, t in tensors.items():

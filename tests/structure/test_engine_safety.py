@@ -179,16 +179,19 @@ def test_an_engine_failure_mid_surgery_restores_the_model(monkeypatch):
     )
     graph = ChannelGraph(model, X)
     before = state(model)
-    real = _engine.Engine.prune
     calls = []
 
-    def fail_second(self, root, channels):
-        calls.append(root)
-        if len(calls) == 2:
-            raise ZeroDivisionError("engine bug")
-        return real(self, root, channels)
+    def fail_second(real):  # either way of cutting a group: listed (fast) or built again
+        def cut(self, root, channels):
+            calls.append(root)
+            if len(calls) == 2:
+                raise ZeroDivisionError("engine bug")
+            return real(self, root, channels)
 
-    monkeypatch.setattr(_engine.Engine, "prune", fail_second)
+        return cut
+
+    for method in ("prune", "cut_listed"):
+        monkeypatch.setattr(_engine.Engine, method, fail_second(getattr(_engine.Engine, method)))
     with pytest.raises(PruningError, match=r"undone.*ZeroDivisionError: engine bug"):
         graph.prune({"0": [1, 2], "3": [0]})
     assert_unchanged(model, before)
