@@ -27,23 +27,31 @@ from collections.abc import Iterable
 from torch import nn
 
 
-def canonical_names(module: nn.Module, *, buffers: bool = False) -> dict[str, str]:
+def canonical_names(module: nn.Module, *, buffers: bool = False, walk: Walk | None = None) -> dict[str, str]:
     """Every name of every parameter (and buffer, if asked) of ``module`` → its canonical name.
 
-    The canonical name is the first name of the tensor object.
+    The canonical name is the first name of the tensor object. ``walk``: as for :func:`every_tensor`.
     """
     first: dict[int, str] = {}
-    return {name: first.setdefault(id(t), name) for name, t in every_tensor(module, buffers=buffers)}
+    return {
+        name: first.setdefault(id(t), name) for name, t in every_tensor(module, buffers=buffers, walk=walk)
+    }
 
 
-def every_tensor(module: nn.Module, *, buffers: bool = True) -> list[tuple[str, nn.Parameter]]:
+#: ``list(module.named_modules(remove_duplicate=False))``: every name of every submodule.
+Walk = list[tuple[str, nn.Module]]
+
+
+def every_tensor(
+    module: nn.Module, *, buffers: bool = True, walk: Walk | None = None
+) -> list[tuple[str, nn.Parameter]]:
     """Every name of every parameter, then (if asked) of every buffer, in ``named_parameters`` order.
 
     The same as ``named_parameters(remove_duplicate=False)`` followed by ``named_buffers(...)``, from
-    one walk over the modules.
+    one walk over the modules; ``walk``: that walk, if the caller keeps one (the module tree unchanged).
     """
     params, bufs = [], []
-    for prefix, m in module.named_modules(remove_duplicate=False):
+    for prefix, m in walk if walk is not None else module.named_modules(remove_duplicate=False):
         at = f"{prefix}." if prefix else ""
         params += [(at + k, v) for k, v in m._parameters.items() if v is not None]
         if buffers:

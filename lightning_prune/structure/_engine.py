@@ -83,7 +83,12 @@ class Engine:
     """A traced model: its nodes, the barriers found in it, its groups and their surgery."""
 
     def __init__(
-        self, model: nn.Module, example_inputs: ExampleInputs, budget: float | None, counter=None
+        self,
+        model: nn.Module,
+        example_inputs: ExampleInputs,
+        budget: float | None,
+        counter=None,
+        names: dict[nn.Module, str] | None = None,
     ) -> None:
         self.model = model
         self.barriers: dict[Any, str] = {}
@@ -101,7 +106,7 @@ class Engine:
         dg.verbose = False
         dg.model = model
         #: Every module → its qualified name (the engine's table, shared with the graph).
-        self.names = {m: n for n, m in model.named_modules()}
+        self.names = names if names is not None else {m: n for n, m in model.named_modules()}
         #: Module types rooting groups beyond convolutions and linear layers (transformers' Conv1D).
         self.conv1d_types = tuple({type(m) for m in self.names if is_conv1d(m)})
         for layer_type in self.conv1d_types:
@@ -116,9 +121,11 @@ class Engine:
             self._mark_barriers()
             _shape_infer.init_shape_information(dg)
             _index_mapping.update_index_mapping(dg)
+            _fast_flattens(dg, _flattening_nodes(dg))
         self.output_grad_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
         self.outputs = [t.detach() for t in outputs]
         self._stale: set | None = None  # None: refresh every index mapping before the next prune
+        self._fresh = True  # the index mappings are as traced: listing groups needs no refresh
         # root -> its group's (dependency, indices, root indices) for all channels; None: the identity
         self._listed: dict[nn.Module, list[tuple[Any, list[int] | None, list[int] | None]]] = {}
         self.mixing = self._channel_mixing()
@@ -155,7 +162,8 @@ class Engine:
         that one with every channel, and only groups with a mapping are built again for all of them.
         """
         dg = self._dg
-        with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(dg, None):
+        fresh = set() if self._fresh else None
+        with _deadline(self.budget, self.model, "listing the channel groups"), _refresh_only(dg, fresh):
             found, visited = [], set()
             for module in list(dg.module2node):
                 if not isinstance(module, root_types) or module in visited:
@@ -192,6 +200,7 @@ class Engine:
         The listed group, cut down to these channels, is the group the engine would build again (other
         groups' prunes cannot move its entries), so no group is built.
         """
+        self._fresh = False
         chosen, same = set(channels), list(channels)
         for dep, idxs, roots in self._listed[root]:
             if idxs is None:  # every channel at its own index
@@ -207,6 +216,7 @@ class Engine:
         Index mappings are refreshed before the group is built, for the nodes earlier prunes touched
         (all of them on the first call): one refresh per pruned group, of what changed.
         """
+        self._fresh = False
         with _refresh_only(self._dg, self._stale):
             group = self._group(root, channels)
         group.prune(record_history=False)
@@ -488,6 +498,11 @@ class _FlattenMapping(_index_mapping._FlattenIndexMapping):
         return [new(kind, (k, i.root_idx)) for i in idxs for k in range(i.idx * stride, (i.idx + 1) * stride)]
 
 
+def _flattening_nodes(dg) -> list:
+    """The nodes the engine puts flatten mappings around: linear layers and reshapes."""
+    return [n for n in dg.module2node.values() if n.type in (_OPS.LINEAR, _OPS.RESHAPE)]
+
+
 def _fast_flattens(dg, nodes) -> None:
     """Swap the flatten mappings around ``nodes`` (and neighbours) for :class:`_FlattenMapping`."""
     for node in nodes:
@@ -504,8 +519,7 @@ def _refresh_only(dg, stale: set | None) -> Iterator[None]:
     refresh = _index_mapping.update_index_mapping
     if stale is None:
         refresh(dg)
-        # The engine puts flatten mappings around linear layers and reshapes only.
-        stale = [n for n in dg.module2node.values() if n.type in (_OPS.LINEAR, _OPS.RESHAPE)]
+        stale = _flattening_nodes(dg)
     else:
         for node in stale:
             _REFRESH[node.type](dg, node)

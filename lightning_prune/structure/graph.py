@@ -113,9 +113,15 @@ class ChannelGraph:
         model = self.model
         inputs = _leaf_copies(self.example_inputs)
         # The fused attention kernel hides its operations from the trace and the count.
-        with _traced_as_is(model), _mha_fastpath_disabled():
+        # One walk over the module tree for the whole graph (surgery replaces tensors, not modules).
+        self._walk = walk = list(model.named_modules(remove_duplicate=False))
+        names: dict[nn.Module, str] = {}
+        for name, module in walk:
+            names.setdefault(module, name)  # the first name, as ``named_modules()`` gives
+        self._modules = list(names)  # each module once (the engine adds free parameters to `names`)
+        with _traced_as_is(self._modules), _mha_fastpath_disabled():
             try:
-                self._engine = Engine(model, inputs, self.time_budget, counter)
+                self._engine = Engine(model, inputs, self.time_budget, counter, names)
             except PruningError as err:
                 raise PruningError(
                     f"Could not trace {type(model).__name__} with "
@@ -124,7 +130,7 @@ class ChannelGraph:
         self._names = self._engine.names
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self._modules_by_name = {n: m for m, n in self._names.items()}
-        self._aliases = canonical_names(model, buffers=True)
+        self._aliases = canonical_names(model, buffers=True, walk=walk)
         self._input_nodes = self._input_coupled(inputs)
         self._fragile_nodes = self._flattened_concats()
         self._roots: dict[str, nn.Module] = {}
@@ -273,13 +279,15 @@ class ChannelGraph:
             else:
                 with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
                     reference = eval_outputs(self.model, verify)
-        snapshot = _Snapshot(self.model)
+        snapshot = _Snapshot(self._modules)
         aliases = self._aliases
-        frozen = {n for n, p in every_tensor(self.model, buffers=False) if not p.requires_grad}
+        frozen = {
+            n for n, p in every_tensor(self.model, buffers=False, walk=self._walk) if not p.requires_grad
+        }
         try:
             done = self._surgery(plan)
             _retie(self.model, aliases)
-            for name, param in every_tensor(self.model, buffers=False) if frozen else ():
+            for name, param in every_tensor(self.model, buffers=False, walk=self._walk) if frozen else ():
                 param.requires_grad_(name not in frozen)  # the engine makes every new tensor trainable
             if verify is not None:
                 try:
@@ -361,7 +369,7 @@ class ChannelGraph:
         return done
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return dict(every_tensor(self.model))
+        return dict(every_tensor(self.model, walk=self._walk))
 
     def _shapes(self) -> dict[str, torch.Size]:
         if self._shape_cache is None:
@@ -556,10 +564,11 @@ class ChannelGraph:
         if item.kind == "conv" and not producing and module.groups > 1:
             first = positions < module.in_channels // module.groups  # a grouped conv's weight repeats
             positions, channels = positions[first], channels[first]
-        out = [
+            if not len(positions):
+                return []
+        return [
             ParamSlice(f"{label}.{attr}", dim, positions, channels, role) for attr, dim, role in spec if role
         ]
-        return [s for s in out if len(s.positions)]
 
 
 def _entries(items: list[Item], only: int | None = None) -> set[tuple[int, bool, int]]:
@@ -753,9 +762,9 @@ class _Snapshot:
     undo it exactly, at no memory cost. Hook tables are kept by reference only: surgery adds no hooks.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
         self._state = []
-        for module in model.modules():
+        for module in modules:
             attrs = vars(module).copy()
             contents = [
                 (table, table.copy())
@@ -811,19 +820,19 @@ class _zeroed:
 
 
 @contextlib.contextmanager
-def _traced_as_is(model: nn.Module) -> Iterator[None]:
+def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     """The model ready to be traced inside; exactly as it was afterwards (one walk over its modules).
 
     Inside: eval mode, and every floating-point parameter requires grad (the trace follows autograd:
     frozen layers must record it too). On exit, each module gets back its ``training`` flag, its buffers
     (tensors and values; PyTorch's own norm layers in eval mode only read theirs) and its forward hooks
     (the engine leaves its own behind when tracing fails), and each parameter its ``requires_grad``.
+    ``modules``: every module once, the model first (as ``model.modules()`` gives them).
     """
-    modules = list(model.modules())
     modes = [m.training for m in modules]
     hooks = [set(m._forward_hooks) if m._forward_hooks else None for m in modules]
     if any(modes):
-        model.eval()
+        modules[0].eval()
     buffers = [
         (m, name, buf, buf.detach().clone())
         for m in modules
