@@ -629,6 +629,7 @@ def _nonzero_at(t: torch.Tensor, dim: int, positions: np.ndarray) -> np.ndarray:
     a = t.numpy()
     if a.ndim == 1:
         return a[positions] != 0
+    dim %= a.ndim
     others = tuple(d for d in range(a.ndim) if d != dim)
     n = a.shape[dim]
     if 2 * len(positions) >= n:
