@@ -758,8 +758,9 @@ class _Snapshot:
 
     The engine never writes into a tensor: it builds smaller ones and sets them as attributes. Keeping
     each module's attribute dictionary, and the contents of its parameter, buffer and submodule tables
-    and of its own list/dict/set attributes (which surgery may edit in place), is therefore enough to
-    undo it exactly, at no memory cost. Hook tables are kept by reference only: surgery adds no hooks.
+    (also empty ones, which surgery could fill) and of its own list/dict/set attributes (which surgery
+    may edit in place), is therefore enough to undo it exactly, at no memory cost. Hook tables are kept
+    by reference only: surgery adds no hooks.
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -767,14 +768,13 @@ class _Snapshot:
         for module in modules:
             attrs = vars(module).copy()
             contents = [
-                (table, table.copy())
+                (table, table.copy() if table else None)  # None: emptied on restore
                 for table in (
                     module._parameters,
                     module._buffers,
                     module._modules,
                     module._non_persistent_buffers_set,
                 )
-                if table
             ]
             for key in attrs.keys() - _MODULE_ATTRS:  # its own attributes
                 value = attrs[key]
@@ -791,7 +791,8 @@ class _Snapshot:
                     container[:] = content
                 else:
                     container.clear()
-                    container.update(content)
+                    if content:
+                        container.update(content)
 
 
 _CONTAINERS = (dict, list, set, OrderedDict)

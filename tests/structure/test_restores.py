@@ -1,0 +1,76 @@
+"""Building a graph, and surgery that fails, leave the model exactly as it was.
+
+Each test gives the model something the engine's own restores must not miss: a list attribute that
+surgery edits in place, norm statistics written during the trace from elsewhere than the norm layer, a
+``train()`` with side effects, frozen parameters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import ChannelGraph, PruningError
+from lightning_prune.structure import _engine
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].shape == v.shape and torch.equal(after[k], v), k
+
+
+class Chain(nn.Module):
+    """conv-bn-relu → conv → conv → mean, with a list and a dict attribute of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b, self.c = (
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 3),
+            nn.Conv2d(8, 2, 1),
+        )
+        self.act = nn.ReLU()
+        self.widths = [8, 8]
+        self.notes = {"pruned": False}
+
+    def forward(self, x):
+        return self.c(self.b(self.act(self.bn(self.a(x))))).mean((2, 3))
+
+
+def test_failed_surgery_restores_attributes_edited_in_place_and_tables_it_filled(monkeypatch):
+    model = Chain().eval()
+    graph = ChannelGraph(model, X)
+    before, widths, notes = state(model), model.widths, model.notes
+    calls = []
+
+    def edit_then_fail(real):  # a surgery step that edits the model in ways the engine's own do not
+        def cut(self, root, channels):
+            calls.append(root)
+            model.widths[0] -= len(channels)
+            model.notes["pruned"] = True
+            model.act.register_buffer("scratch", torch.zeros(1))  # a table that was empty
+            model.a.register_parameter("gain", nn.Parameter(torch.ones(1)))
+            if len(calls) == 2:
+                raise ZeroDivisionError("engine bug")
+            return real(self, root, channels)
+
+        return cut
+
+    for method in ("prune", "cut_listed"):
+        monkeypatch.setattr(_engine.Engine, method, edit_then_fail(getattr(_engine.Engine, method)))
+    with pytest.raises(PruningError, match="undone"):
+        graph.prune({"a": [1, 2], "b": [0]})
+    assert model.widths is widths and widths == [8, 8]
+    assert model.notes is notes and notes == {"pruned": False}
+    assert not hasattr(model.act, "scratch") and not hasattr(model.a, "gain")
+    assert_same_state(model, before)
