@@ -422,13 +422,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _buffers_restored(model: nn.Module) -> Iterator[None]:
     """Give every buffer of ``model`` back its tensor and its values on exit.
 
-    PyTorch's own normalization layers in eval mode, without hooks, only read their buffers: those are
-    not copied.
+    Also the buffers of norm layers in eval mode: code outside the layer may write them (a hook on
+    another module, ``F.batch_norm(..., training=True)`` on the layer's statistics).
     """
     saved = [
         (module, name, buf, buf.detach().clone())
         for module in model.modules()
-        if module._buffers and not _reads_buffers_only(module)
+        if module._buffers
         for name, buf in module._buffers.items()
         if buf is not None and not is_lazy(buf)
     ]
@@ -440,21 +440,6 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
                 module._buffers[name] = buf
                 if buf.shape == values.shape:
                     buf.copy_(values)
-
-
-_NORMS = frozenset(
-    {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm}
-    | {nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
-)
-
-
-def _reads_buffers_only(module: nn.Module) -> bool:
-    """A PyTorch norm layer (not a subclass) in eval mode, with no hooks: it leaves its buffers be."""
-    return (
-        type(module) in _NORMS
-        and not module.training
-        and not (module._forward_pre_hooks or module._forward_hooks or module._forward_hooks_with_kwargs)
-    )
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _eval_mode, _mha_fastpath_disabled, _reads_buffers_only, counted_stats
+from lightning_prune.stats import _eval_mode, _mha_fastpath_disabled, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
@@ -826,8 +826,9 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
 
     Inside: eval mode, and every floating-point parameter requires grad (the trace follows autograd:
     frozen layers must record it too). On exit, each module gets back its ``training`` flag, its buffers
-    (tensors and values; PyTorch's own norm layers in eval mode only read theirs) and its forward hooks
-    (the engine leaves its own behind when tracing fails), and each parameter its ``requires_grad``.
+    (tensors and values: also a norm layer's in eval mode, which code outside it may write) and its
+    forward hooks (the engine leaves its own behind when tracing fails), and each parameter its
+    ``requires_grad``.
     ``modules``: every module once, the model first (as ``model.modules()`` gives them).
     """
     modes = [m.training for m in modules]
@@ -837,7 +838,7 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     buffers = [
         (m, name, buf, buf.detach().clone())
         for m in modules
-        if m._buffers and not _reads_buffers_only(m)
+        if m._buffers
         for name, buf in m._buffers.items()
         if buf is not None and not is_lazy(buf)
     ]

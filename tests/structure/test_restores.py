@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lightning_prune import ChannelGraph, PruningError
+from lightning_prune import ChannelGraph, PruningError, model_stats
 from lightning_prune.structure import _engine
 
 X = torch.randn(2, 3, 8, 8)
@@ -73,4 +74,38 @@ def test_failed_surgery_restores_attributes_edited_in_place_and_tables_it_filled
     assert model.widths is widths and widths == [8, 8]
     assert model.notes is notes and notes == {"pruned": False}
     assert not hasattr(model.act, "scratch") and not hasattr(model.a, "gain")
+    assert_same_state(model, before)
+
+
+class StatsFromOutside(nn.Module):
+    """A norm layer whose running statistics another module's code writes (test-time adaptation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        bn = self.bn
+        y = F.batch_norm(self.a(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.5, bn.eps)
+        return self.head(y.mean((2, 3)))
+
+
+def _touch_stats(module, args, output):
+    with torch.no_grad():
+        module.running_mean.add_(1.0)
+        module.num_batches_tracked.add_(1)
+
+
+@pytest.mark.parametrize("where", ["functional", "own hook", "hook elsewhere"])
+def test_tracing_and_counting_give_written_norm_statistics_back(where):
+    if where == "functional":
+        model = StatsFromOutside().eval()
+    else:
+        model = Chain().eval()
+        hooked = model.bn if where == "own hook" else model.a
+        hooked.register_forward_hook(lambda m, a, o: _touch_stats(model.bn, a, o))
+    before = state(model)
+    ChannelGraph(model, X)
+    assert_same_state(model, before)
+    model_stats(model, X)
     assert_same_state(model, before)
