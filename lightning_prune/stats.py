@@ -140,8 +140,8 @@ def stats_and_outputs(
 
     counter = FlopCounterMode(display=False)
     with (
+        _buffers_restored(model),  # outside: the buffers as before eval(), after the modes come back
         _eval_mode(model),
-        _buffers_restored(model),
         _mha_fastpath_disabled(),
         torch.enable_grad(),
         counter,
@@ -408,14 +408,29 @@ def _expand_batch(example_inputs: ExampleInputs, batch_size: int) -> ExampleInpu
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode, then give each submodule back its own ``training`` flag."""
     modes = [(m, m.training) for m in model.modules()]
-    if any(training for _, training in modes):
+    switched = any(training for _, training in modes)
+    if switched:
         model.eval()
     try:
         yield
     finally:
+        _give_modes_back(modes, switched)
+
+
+def _give_modes_back(modes: Sequence[tuple[nn.Module, bool]], switched: bool = True) -> None:
+    """Give each module its ``training`` flag back (``switched``: ``eval()`` was called on them).
+
+    A class's own ``train`` may do more than set the flag (clear a cache, switch kernels, set an
+    attribute): after ``eval()`` it is called again with the module's own mode, parents before children
+    (``modules()`` order), and then each flag is set as it was.
+    """
+    if switched:
         for module, training in modes:
-            if module.training is not training:  # Module.__setattr__ is slow: only where it changed
-                module.training = training
+            if type(module).train is not nn.Module.train:
+                module.train(training)
+    for module, training in modes:
+        if module.training is not training:  # Module.__setattr__ is slow: only where it changed
+            module.training = training
 
 
 @contextmanager

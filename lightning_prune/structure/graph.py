@@ -24,7 +24,7 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _eval_mode, _mha_fastpath_disabled, counted_stats
+from lightning_prune.stats import _eval_mode, _give_modes_back, _mha_fastpath_disabled, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
@@ -825,16 +825,15 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     """The model ready to be traced inside; exactly as it was afterwards (one walk over its modules).
 
     Inside: eval mode, and every floating-point parameter requires grad (the trace follows autograd:
-    frozen layers must record it too). On exit, each module gets back its ``training`` flag, its buffers
-    (tensors and values: also a norm layer's in eval mode, which code outside it may write) and its
-    forward hooks (the engine leaves its own behind when tracing fails), and each parameter its
-    ``requires_grad``.
-    ``modules``: every module once, the model first (as ``model.modules()`` gives them).
+    frozen layers must record it too). On exit, each module gets back its mode (see
+    :func:`~lightning_prune.stats._give_modes_back`), its forward hooks (the engine leaves its own
+    behind when tracing fails) and, last, its buffers as they were before ``eval()`` (tensors and values:
+    also a norm layer's in eval mode, which code outside it may write); each parameter gets back its
+    ``requires_grad``. ``modules``: every module once, the model first (as ``model.modules()`` gives
+    them).
     """
-    modes = [m.training for m in modules]
+    modes = [(m, m.training) for m in modules]
     hooks = [set(m._forward_hooks) if m._forward_hooks else None for m in modules]
-    if any(modes):
-        modules[0].eval()
     buffers = [
         (m, name, buf, buf.detach().clone())
         for m in modules
@@ -842,6 +841,9 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
         for name, buf in m._buffers.items()
         if buf is not None and not is_lazy(buf)
     ]
+    switched = any(training for _, training in modes)
+    if switched:
+        modules[0].eval()
     frozen = [
         p
         for m in modules
@@ -855,6 +857,7 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
+        _give_modes_back(modes, switched)
         for m, keys in zip(modules, hooks, strict=True):
             if m._forward_hooks:
                 for key in set(m._forward_hooks) - (keys or set()):
@@ -864,9 +867,6 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
                 m._buffers[name] = buf
                 if buf.shape == values.shape:
                     buf.copy_(values)
-        for m, training in zip(modules, modes, strict=True):
-            if m.training is not training:  # Module.__setattr__ is slow: only where it changed
-                m.training = training
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:

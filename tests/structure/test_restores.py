@@ -109,3 +109,29 @@ def test_tracing_and_counting_give_written_norm_statistics_back(where):
     assert_same_state(model, before)
     model_stats(model, X)
     assert_same_state(model, before)
+
+
+class Flagged(nn.Module):
+    """A model whose ``train()`` also sets an attribute of its own (as caches and kernels do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Chain()
+        self.mode_name = "train"
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.mode_name = "train" if mode else "eval"
+        return self
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_train_method_with_side_effects_sees_its_mode_given_back():
+    model = Flagged().train()
+    model.body.bn.eval()  # a mixed state: kept as it was
+    graph = ChannelGraph(model, X)
+    assert model.training and model.mode_name == "train" and not model.body.bn.training
+    graph.prune({"body.a": [0]}, verify=X)
+    assert model.training and model.mode_name == "train" and not model.body.bn.training
