@@ -359,9 +359,12 @@ class ChannelGraph:
                 self._engine.cut_listed(root, channels)
                 removals = _removals(group, idx)
             else:
+                widths = self._group_widths(group)  # as the items' indices count them: before the cut
                 items = self._engine.prune(root, channels)
                 removals = [
-                    Removal(s.param, s.dim, s.positions) for i in items for s in self._slices_of(i, stride)
+                    Removal(s.param, s.dim, s.positions)
+                    for i in items
+                    for s in self._slices_of(i, stride, widths)
                 ]
             # One group cuts each entry once (tied names and repeated items are one cut); two groups may
             # cut the same positions of a tensor one after the other, and both cuts are real.
@@ -546,8 +549,23 @@ class ChannelGraph:
             self._maxima[id(found[1])] = found[1:]
         return found[1], found[2]
 
-    def _slices_of(self, item: Item, stride: int) -> list[ParamSlice]:
-        """Where the item's indices sit in the parameters and buffers of its layer."""
+    def _group_widths(self, group: ChannelGroup) -> dict[nn.Module, int]:
+        """Input channels per convolution group of the grouped convolutions among ``group``'s layers."""
+        layers = (self._modules_by_name.get(name) for name in group.layers)
+        return {
+            m: m.in_channels // m.groups
+            for m in layers
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        }
+
+    def _slices_of(
+        self, item: Item, stride: int, widths: Mapping[nn.Module, int] | None = None
+    ) -> list[ParamSlice]:
+        """Where the item's indices sit in the parameters and buffers of its layer.
+
+        ``widths``: the input channels per group of grouped convolutions as the item's indices count
+        them, where the layer has been cut since (default: as the layer is now).
+        """
         label = self._label(item.module)
         if label is None or not item.idxs:
             return []
@@ -562,7 +580,8 @@ class ChannelGraph:
         producing = item.producing or item.kind == "depthwise_conv"
         spec = self._spec(module, producing)
         if item.kind == "conv" and not producing and module.groups > 1:
-            first = positions < module.in_channels // module.groups  # a grouped conv's weight repeats
+            width = widths[module] if widths and module in widths else module.in_channels // module.groups
+            first = positions < width  # a grouped conv's weight repeats
             positions, channels = positions[first], channels[first]
             if not len(positions):
                 return []
