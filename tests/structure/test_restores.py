@@ -135,3 +135,36 @@ def test_a_train_method_with_side_effects_sees_its_mode_given_back():
     assert model.training and model.mode_name == "train" and not model.body.bn.training
     graph.prune({"body.a": [0]}, verify=X)
     assert model.training and model.mode_name == "train" and not model.body.bn.training
+
+
+class Scaled(nn.Module):
+    """conv → free per-channel scale → conv → conv: the scale's group is cut by a group built again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x) * self.scale)
+        return self.c(torch.relu(self.bn(self.b(x)))).mean((2, 3))
+
+
+def test_frozen_parameters_stay_frozen_through_tracing_and_both_ways_of_cutting(monkeypatch):
+    model = Scaled().eval()
+    for p in (model.scale, model.a.weight, model.b.bias, *model.bn.parameters()):
+        p.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    graph = ChannelGraph(model, X)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    cut = []
+    for method in ("prune", "cut_listed"):
+        real = getattr(_engine.Engine, method)
+        monkeypatch.setattr(
+            _engine.Engine, method, lambda self, *a, m=method, real=real: (cut.append(m), real(self, *a))[1]
+        )
+    graph.prune({"a": [1], "b": [2, 3]}, verify=X)
+    assert sorted(cut) == ["cut_listed", "prune"]  # the scale's group is built again, b's is cut as listed
+    assert model.scale.shape == (1, 7, 1, 1) and model.bn.num_features == 6
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
