@@ -140,8 +140,8 @@ def stats_and_outputs(
 
     counter = FlopCounterMode(display=False)
     with (
+        _buffers_restored(model),  # outside: the buffers as before eval(), after the modes come back
         _eval_mode(model),
-        _buffers_restored(model),
         _mha_fastpath_disabled(),
         torch.enable_grad(),
         counter,
@@ -408,27 +408,42 @@ def _expand_batch(example_inputs: ExampleInputs, batch_size: int) -> ExampleInpu
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode, then give each submodule back its own ``training`` flag."""
     modes = [(m, m.training) for m in model.modules()]
-    if any(training for _, training in modes):
+    switched = any(training for _, training in modes)
+    if switched:
         model.eval()
     try:
         yield
     finally:
+        _give_modes_back(modes, switched)
+
+
+def _give_modes_back(modes: Sequence[tuple[nn.Module, bool]], switched: bool = True) -> None:
+    """Give each module its ``training`` flag back (``switched``: ``eval()`` was called on them).
+
+    A class's own ``train`` may do more than set the flag (clear a cache, switch kernels, set an
+    attribute): after ``eval()`` it is called again with the module's own mode, parents before children
+    (``modules()`` order), and then each flag is set as it was.
+    """
+    if switched:
         for module, training in modes:
-            if module.training is not training:  # Module.__setattr__ is slow: only where it changed
-                module.training = training
+            if type(module).train is not nn.Module.train:
+                module.train(training)
+    for module, training in modes:
+        if module.training is not training:  # Module.__setattr__ is slow: only where it changed
+            module.training = training
 
 
 @contextmanager
 def _buffers_restored(model: nn.Module) -> Iterator[None]:
     """Give every buffer of ``model`` back its tensor and its values on exit.
 
-    PyTorch's own normalization layers in eval mode, without hooks, only read their buffers: those are
-    not copied.
+    Also the buffers of norm layers in eval mode: code outside the layer may write them (a hook on
+    another module, ``F.batch_norm(..., training=True)`` on the layer's statistics).
     """
     saved = [
         (module, name, buf, buf.detach().clone())
         for module in model.modules()
-        if module._buffers and not _reads_buffers_only(module)
+        if module._buffers
         for name, buf in module._buffers.items()
         if buf is not None and not is_lazy(buf)
     ]
@@ -440,21 +455,6 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
                 module._buffers[name] = buf
                 if buf.shape == values.shape:
                     buf.copy_(values)
-
-
-_NORMS = frozenset(
-    {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm}
-    | {nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
-)
-
-
-def _reads_buffers_only(module: nn.Module) -> bool:
-    """A PyTorch norm layer (not a subclass) in eval mode, with no hooks: it leaves its buffers be."""
-    return (
-        type(module) in _NORMS
-        and not module.training
-        and not (module._forward_pre_hooks or module._forward_hooks or module._forward_hooks_with_kwargs)
-    )
 
 
 @contextmanager

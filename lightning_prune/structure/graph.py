@@ -24,7 +24,7 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _eval_mode, _mha_fastpath_disabled, _reads_buffers_only, counted_stats
+from lightning_prune.stats import _eval_mode, _give_modes_back, _mha_fastpath_disabled, counted_stats
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
@@ -359,9 +359,12 @@ class ChannelGraph:
                 self._engine.cut_listed(root, channels)
                 removals = _removals(group, idx)
             else:
+                widths = self._group_widths(group)  # as the items' indices count them: before the cut
                 items = self._engine.prune(root, channels)
                 removals = [
-                    Removal(s.param, s.dim, s.positions) for i in items for s in self._slices_of(i, stride)
+                    Removal(s.param, s.dim, s.positions)
+                    for i in items
+                    for s in self._slices_of(i, stride, widths)
                 ]
             # One group cuts each entry once (tied names and repeated items are one cut); two groups may
             # cut the same positions of a tensor one after the other, and both cuts are real.
@@ -546,8 +549,23 @@ class ChannelGraph:
             self._maxima[id(found[1])] = found[1:]
         return found[1], found[2]
 
-    def _slices_of(self, item: Item, stride: int) -> list[ParamSlice]:
-        """Where the item's indices sit in the parameters and buffers of its layer."""
+    def _group_widths(self, group: ChannelGroup) -> dict[nn.Module, int]:
+        """Input channels per convolution group of the grouped convolutions among ``group``'s layers."""
+        layers = (self._modules_by_name.get(name) for name in group.layers)
+        return {
+            m: m.in_channels // m.groups
+            for m in layers
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+        }
+
+    def _slices_of(
+        self, item: Item, stride: int, widths: Mapping[nn.Module, int] | None = None
+    ) -> list[ParamSlice]:
+        """Where the item's indices sit in the parameters and buffers of its layer.
+
+        ``widths``: the input channels per group of grouped convolutions as the item's indices count
+        them, where the layer has been cut since (default: as the layer is now).
+        """
         label = self._label(item.module)
         if label is None or not item.idxs:
             return []
@@ -562,7 +580,8 @@ class ChannelGraph:
         producing = item.producing or item.kind == "depthwise_conv"
         spec = self._spec(module, producing)
         if item.kind == "conv" and not producing and module.groups > 1:
-            first = positions < module.in_channels // module.groups  # a grouped conv's weight repeats
+            width = widths[module] if widths and module in widths else module.in_channels // module.groups
+            first = positions < width  # a grouped conv's weight repeats
             positions, channels = positions[first], channels[first]
             if not len(positions):
                 return []
@@ -762,8 +781,9 @@ class _Snapshot:
 
     The engine never writes into a tensor: it builds smaller ones and sets them as attributes. Keeping
     each module's attribute dictionary, and the contents of its parameter, buffer and submodule tables
-    and of its own list/dict/set attributes (which surgery may edit in place), is therefore enough to
-    undo it exactly, at no memory cost. Hook tables are kept by reference only: surgery adds no hooks.
+    (also empty ones, which surgery could fill) and of its own list/dict/set attributes (which surgery
+    may edit in place), is therefore enough to undo it exactly, at no memory cost. Hook tables are kept
+    by reference only: surgery adds no hooks.
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
@@ -771,14 +791,13 @@ class _Snapshot:
         for module in modules:
             attrs = vars(module).copy()
             contents = [
-                (table, table.copy())
+                (table, table.copy() if table else None)  # None: emptied on restore
                 for table in (
                     module._parameters,
                     module._buffers,
                     module._modules,
                     module._non_persistent_buffers_set,
                 )
-                if table
             ]
             for key in attrs.keys() - _MODULE_ATTRS:  # its own attributes
                 value = attrs[key]
@@ -795,7 +814,8 @@ class _Snapshot:
                     container[:] = content
                 else:
                     container.clear()
-                    container.update(content)
+                    if content:
+                        container.update(content)
 
 
 _CONTAINERS = (dict, list, set, OrderedDict)
@@ -828,22 +848,25 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     """The model ready to be traced inside; exactly as it was afterwards (one walk over its modules).
 
     Inside: eval mode, and every floating-point parameter requires grad (the trace follows autograd:
-    frozen layers must record it too). On exit, each module gets back its ``training`` flag, its buffers
-    (tensors and values; PyTorch's own norm layers in eval mode only read theirs) and its forward hooks
-    (the engine leaves its own behind when tracing fails), and each parameter its ``requires_grad``.
-    ``modules``: every module once, the model first (as ``model.modules()`` gives them).
+    frozen layers must record it too). On exit, each module gets back its mode (see
+    :func:`~lightning_prune.stats._give_modes_back`), its forward hooks (the engine leaves its own
+    behind when tracing fails) and, last, its buffers as they were before ``eval()`` (tensors and values:
+    also a norm layer's in eval mode, which code outside it may write); each parameter gets back its
+    ``requires_grad``. ``modules``: every module once, the model first (as ``model.modules()`` gives
+    them).
     """
-    modes = [m.training for m in modules]
+    modes = [(m, m.training) for m in modules]
     hooks = [set(m._forward_hooks) if m._forward_hooks else None for m in modules]
-    if any(modes):
-        modules[0].eval()
     buffers = [
         (m, name, buf, buf.detach().clone())
         for m in modules
-        if m._buffers and not _reads_buffers_only(m)
+        if m._buffers
         for name, buf in m._buffers.items()
         if buf is not None and not is_lazy(buf)
     ]
+    switched = any(training for _, training in modes)
+    if switched:
+        modules[0].eval()
     frozen = [
         p
         for m in modules
@@ -857,6 +880,7 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
+        _give_modes_back(modes, switched)
         for m, keys in zip(modules, hooks, strict=True):
             if m._forward_hooks:
                 for key in set(m._forward_hooks) - (keys or set()):
@@ -866,9 +890,6 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
                 m._buffers[name] = buf
                 if buf.shape == values.shape:
                     buf.copy_(values)
-        for m, training in zip(modules, modes, strict=True):
-            if m.training is not training:  # Module.__setattr__ is slow: only where it changed
-                m.training = training
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:
