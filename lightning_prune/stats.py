@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -440,21 +440,60 @@ def _buffers_restored(model: nn.Module) -> Iterator[None]:
     Also the buffers of norm layers in eval mode: code outside the layer may write them (a hook on
     another module, ``F.batch_norm(..., training=True)`` on the layer's statistics).
     """
-    saved = [
-        (module, name, buf, buf.detach().clone())
-        for module in model.modules()
-        if module._buffers
-        for name, buf in module._buffers.items()
-        if buf is not None and not is_lazy(buf)
-    ]
+    saved = _BufferCopy(model.modules())
     try:
         yield
     finally:
+        saved.restore()
+
+
+class _BufferCopy:
+    """The buffers of some modules, their tensors and a copy of their values, to give back.
+
+    Vectors and scalars are copied into one tensor per dtype and device, and given back only where that
+    tensor changed: one comparison costs less than a copy per buffer (a model has hundreds of norm
+    statistics). Other buffers are copied one by one.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._entries = [
+            (m, name, buf, buf.shape)
+            for m in modules
+            if m._buffers
+            for name, buf in m._buffers.items()
+            if buf is not None and not is_lazy(buf)
+        ]
+        self._kinds: dict[tuple, list[int]] = {}
+        for i, (_, _, buf, _) in enumerate(self._entries):
+            key = (buf.dtype, buf.device, buf.dim()) if buf.dim() < 2 else i
+            self._kinds.setdefault(key, []).append(i)
         with torch.no_grad():
-            for module, name, buf, values in saved:
-                module._buffers[name] = buf
-                if buf.shape == values.shape:
-                    buf.copy_(values)
+            self._saved = {key: self._joined(key, idx) for key, idx in self._kinds.items()}
+        self._sizes = {key: [self._entries[i][2].numel() for i in idx] for key, idx in self._kinds.items()}
+
+    def _joined(self, key, idx: list[int]) -> torch.Tensor:
+        bufs = [self._entries[i][2] for i in idx]
+        if not isinstance(key, tuple):
+            return bufs[0].clone()
+        return torch.cat(bufs) if key[2] == 1 else torch.stack(bufs)
+
+    def restore(self) -> None:
+        """Give every buffer back its tensor and its values."""
+        with torch.no_grad():
+            for key, idx in self._kinds.items():
+                entries = [self._entries[i] for i in idx]
+                if all(m._buffers.get(name) is buf and buf.shape == shape for m, name, buf, shape in entries):
+                    try:
+                        if torch.equal(self._joined(key, idx), self._saved[key]):
+                            continue
+                    except RuntimeError:  # a buffer was resized in place
+                        pass
+                saved = self._saved[key]
+                parts = [saved] if not isinstance(key, tuple) else saved.split(self._sizes[key])
+                for (module, name, buf, shape), values in zip(entries, parts, strict=True):
+                    module._buffers[name] = buf
+                    if buf.shape == shape:
+                        buf.copy_(values.view(shape))
 
 
 @contextmanager

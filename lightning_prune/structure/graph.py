@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_prune._inputs import (
@@ -24,7 +23,13 @@ from lightning_prune._inputs import (
 )
 from lightning_prune._params import canonical_names, every_tensor
 from lightning_prune.errors import PruningError
-from lightning_prune.stats import _eval_mode, _give_modes_back, _mha_fastpath_disabled, counted_stats
+from lightning_prune.stats import (
+    _BufferCopy,
+    _eval_mode,
+    _give_modes_back,
+    _mha_fastpath_disabled,
+    counted_stats,
+)
 from lightning_prune.structure._engine import CHANNEL_CHANGING, Engine, Item
 from lightning_prune.structure.attention import find_heads, head_group, remove_units
 from lightning_prune.structure.layers import ROOT_TYPES, is_root, layer_spec, unresized_tensors
@@ -857,13 +862,7 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
     """
     modes = [(m, m.training) for m in modules]
     hooks = [set(m._forward_hooks) if m._forward_hooks else None for m in modules]
-    buffers = [
-        (m, name, buf, buf.detach().clone())
-        for m in modules
-        if m._buffers
-        for name, buf in m._buffers.items()
-        if buf is not None and not is_lazy(buf)
-    ]
+    buffers = _BufferCopy(modules)
     switched = any(training for _, training in modes)
     if switched:
         modules[0].eval()
@@ -885,11 +884,7 @@ def _traced_as_is(modules: list[nn.Module]) -> Iterator[None]:
             if m._forward_hooks:
                 for key in set(m._forward_hooks) - (keys or set()):
                     del m._forward_hooks[key]
-        with torch.no_grad():
-            for m, name, buf, values in buffers:
-                m._buffers[name] = buf
-                if buf.shape == values.shape:
-                    buf.copy_(values)
+        buffers.restore()
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> list[torch.Tensor]:

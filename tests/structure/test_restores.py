@@ -168,3 +168,44 @@ def test_frozen_parameters_stay_frozen_through_tracing_and_both_ways_of_cutting(
     assert sorted(cut) == ["cut_listed", "prune"]  # the scale's group is built again, b's is cut as listed
     assert model.scale.shape == (1, 7, 1, 1) and model.bn.num_features == 6
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+class Buffers(nn.Module):
+    """A conv with buffers of every kind the copy groups: float and int vectors, scalars, a matrix."""
+
+    def __init__(self, write: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("vec", torch.arange(4.0))
+        self.register_buffer("other", torch.tensor([float("nan"), 1.0]))  # NaN never equals itself
+        self.register_buffer("count", torch.tensor(3))
+        self.register_buffer("ints", torch.arange(3))
+        self.register_buffer("grid", torch.ones(2, 2))
+        self.write = write
+
+    def forward(self, x):
+        with torch.no_grad():
+            if self.write == "in place":
+                self.vec.add_(1)
+                self.count.add_(1)
+                self.ints.mul_(2)
+                self.grid.zero_()
+            elif self.write == "replaced":
+                self.vec = torch.zeros(4)
+                self.count = torch.tensor(0)
+            elif self.write == "resized":
+                self.vec.resize_(2)
+                self.count.resize_(1)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("write", ["none", "in place", "replaced", "resized"])
+def test_tracing_gives_every_kind_of_buffer_back(write):
+    model = Buffers(write)
+    tensors = {k: v for k, v in model.named_buffers()}
+    before = {k: v.clone() for k, v in tensors.items()}
+    ChannelGraph(model, X)
+    for name, buf in model.named_buffers():
+        assert buf is tensors[name], name
+        if write != "resized" or name not in ("vec", "count"):  # resized in place: the tensor, not its size
+            torch.testing.assert_close(buf, before[name], equal_nan=True, msg=name)
