@@ -59,9 +59,25 @@ def every_tensor(
     return params + bufs
 
 
-def aliases(module: nn.Module) -> dict[str, str]:
-    """The names of shared parameters that are not canonical → their canonical name (``{}``: none shared)."""
-    return {name: first for name, first in canonical_names(module).items() if name != first}
+def aliases(module: nn.Module, *, buffers: bool = False, walk: Walk | None = None) -> dict[str, str]:
+    """The names of shared parameters (and buffers, if asked) that are not canonical → their canonical name.
+
+    ``{}``: none shared. The same as the entries of :func:`canonical_names` that differ, with only those
+    names written out. ``walk``: as for :func:`every_tensor`.
+    """
+    walk = walk if walk is not None else list(module.named_modules(remove_duplicate=False))
+    found: dict[str, str] = {}
+    for table in ("_parameters", "_buffers") if buffers else ("_parameters",):
+        first: dict[int, tuple[str, str]] = {}
+        for prefix, m in walk:
+            for key, t in getattr(m, table).items():
+                if t is not None and (at := first.setdefault(id(t), (prefix, key))) != (prefix, key):
+                    found[_joined(prefix, key)] = _joined(*at)
+    return found
+
+
+def _joined(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
 
 
 def layer_weights(module: nn.Module, layers: Iterable[str]) -> dict[str, nn.Parameter]:

@@ -38,3 +38,20 @@ def test_an_unregistered_weight_keeps_its_layer_name():
     weights = layer_weights(net, ["0"])
     assert list(weights) == ["0.weight"]
     assert torch.equal(weights["0.weight"], net[0].weight)
+
+
+def test_aliases_are_the_non_canonical_names_also_for_buffers_and_shared_modules():
+    shared = nn.BatchNorm1d(4)
+    net = nn.ModuleDict(
+        {"embed": nn.Embedding(8, 4), "head": nn.Linear(4, 8, bias=False), "a": shared, "b": shared}
+    )
+    net["head"].weight = net["embed"].weight  # tied parameter; a module used twice shares its buffers
+    net["a"].register_buffer("extra", net["a"].running_mean)  # one buffer under two names
+    walk = list(net.named_modules(remove_duplicate=False))
+    for buffers in (False, True):
+        expected = {n: f for n, f in canonical_names(net, buffers=buffers).items() if n != f}
+        assert aliases(net, buffers=buffers) == expected
+        assert aliases(net, buffers=buffers, walk=walk) == expected
+    assert aliases(net, buffers=True)["b.running_var"] == "a.running_var"
+    assert aliases(net, buffers=True)["a.extra"] == "a.running_mean"
+    assert aliases(net) == {"head.weight": "embed.weight", "b.weight": "a.weight", "b.bias": "a.bias"}

@@ -21,7 +21,7 @@ from lightning_prune._inputs import (
     describe,
     flatten_outputs,
 )
-from lightning_prune._params import canonical_names, every_tensor
+from lightning_prune._params import aliases, every_tensor
 from lightning_prune.errors import PruningError
 from lightning_prune.stats import (
     _BufferCopy,
@@ -135,7 +135,7 @@ class ChannelGraph:
         self._names = self._engine.names
         self._order = {n: i for i, n in enumerate(self._names.values())}
         self._modules_by_name = {n: m for m, n in self._names.items()}
-        self._aliases = canonical_names(model, buffers=True, walk=walk)
+        self._aliases = aliases(model, buffers=True, walk=walk)  # tied names only
         self._input_nodes = self._input_coupled(inputs)
         self._fragile_nodes = self._flattened_concats()
         self._roots: dict[str, nn.Module] = {}
@@ -285,13 +285,13 @@ class ChannelGraph:
                 with _zeroed(self._tensors(), [s for g, idx in plan for s in _producing(g, idx)]):
                     reference = eval_outputs(self.model, verify)
         snapshot = _Snapshot(self._modules)
-        aliases = self._aliases
+        tied = self._aliases
         frozen = {
             n for n, p in every_tensor(self.model, buffers=False, walk=self._walk) if not p.requires_grad
         }
         try:
             done = self._surgery(plan)
-            _retie(self.model, aliases)
+            _retie(self.model, tied)
             for name, param in every_tensor(self.model, buffers=False, walk=self._walk) if frozen else ():
                 param.requires_grad_(name not in frozen)  # the engine makes every new tensor trainable
             if verify is not None:
@@ -764,7 +764,7 @@ def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal
 def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
     """Make tensors that were one tensor before surgery one tensor again (same values required)."""
     if all(name == first for name, first in aliases.items()):
-        return  # nothing is tied
+        return  # nothing is tied (also when given tied names only, and none)
     params = dict(every_tensor(model, buffers=False))
     for name, first in aliases.items():
         if name == first or name not in params or first not in params:
