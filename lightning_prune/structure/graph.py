@@ -540,6 +540,9 @@ class ChannelGraph:
         return self._specs[key]
 
     def _unresized(self, module: nn.Module) -> list[str]:
+        plain = _PLAIN_TENSORS.get(type(module))
+        if plain is not None and plain.issuperset(module._parameters) and plain.issuperset(module._buffers):
+            return []  # a PyTorch layer with its own tensors only: the table resizes every one
         if id(module) not in self._unresized_of:
             specs = [self._spec(module, True), self._spec(module, False)]
             self._unresized_of[id(module)] = unresized_tensors(module, specs)
@@ -593,6 +596,26 @@ class ChannelGraph:
         return [
             ParamSlice(f"{label}.{attr}", dim, positions, channels, role) for attr, dim, role in spec if role
         ]
+
+
+_NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+#: PyTorch layer classes (not subclasses) → every tensor they register; :data:`LAYERS` resizes them all.
+_PLAIN_TENSORS: dict[type, frozenset[str]] = {
+    **dict.fromkeys(
+        (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+            nn.Linear,
+        ),
+        frozenset({"weight", "bias"}),
+    ),
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _NORM_TENSORS),
+    **dict.fromkeys((nn.LayerNorm, nn.GroupNorm), frozenset({"weight", "bias"})),
+}
 
 
 def _entries(items: list[Item], only: int | None = None) -> set[tuple[int, bool, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from torch import nn
 
 from lightning_prune import ChannelGraph, PruningError, model_stats
@@ -209,3 +210,14 @@ def test_tracing_gives_every_kind_of_buffer_back(write):
         assert buf is tensors[name], name
         if write != "resized" or name not in ("vec", "count"):  # resized in place: the tensor, not its size
             torch.testing.assert_close(buf, before[name], equal_nan=True, msg=name)
+
+
+def test_a_plain_layer_with_a_tensor_of_its_own_is_refused_by_name():
+    # torch.nn.utils.prune keeps the class nn.Conv2d and adds `weight_orig` / `weight_mask`: the surgery
+    # would leave them unresized, so the group is refused; its plain siblings are not.
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.5)
+    groups = {g.name: g for g in ChannelGraph(model, X).groups}
+    assert not groups["2"].prunable and "weight_orig" in groups["2"].reason
+    assert not groups["0"].prunable and "weight_orig" in groups["0"].reason  # 2 consumes 0's channels
+    assert groups["0"].reason.count("has tensors that would not be resized") == 1
