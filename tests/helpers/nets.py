@@ -79,6 +79,21 @@ class TinyDenseNet(nn.Module):
         return self.head(torch.relu(self.norm(x)).mean((2, 3)))
 
 
+class TiedLM(nn.Module):
+    """Embedding -> MLP with a residual -> LM head sharing the embedding's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 12)
+        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
+        self.lm_head = nn.Linear(12, 20, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
 class RandomCNN(nn.Module):
     """A CNN assembled from a list of block specs (see ``tests/engine/test_shrink_property.py``).
 

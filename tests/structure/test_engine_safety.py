@@ -15,7 +15,7 @@ from torch import nn
 from lightning_prune import ChannelGraph, PruningError, shrink
 from lightning_prune.structure import _engine
 from lightning_prune.structure.graph import eval_outputs
-from tests.helpers.nets import kill_channels
+from tests.helpers.nets import TiedLM, kill_channels
 
 X = torch.randn(2, 3, 8, 8)
 TOKENS = torch.randn(2, 5, 16)
@@ -214,21 +214,6 @@ def test_a_graph_past_its_time_budget_is_refused_with_the_reason():
         ChannelGraph(torchvision.models.resnet18(num_classes=2), X, time_budget=0.001)
     with pytest.raises(PruningError, match=r"`ChannelGraph\(time_budget=-1\)` is invalid"):
         ChannelGraph(nn.Linear(2, 2), torch.randn(1, 2), time_budget=-1)
-
-
-class TiedLM(nn.Module):
-    """Embedding -> MLP with a residual -> LM head sharing the embedding's weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 12)
-        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
-        self.lm_head = nn.Linear(12, 20, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        return self.lm_head(h + self.fc2(torch.relu(self.fc1(h))))
 
 
 def test_tied_weights_are_cut_once_and_stay_tied():

@@ -21,7 +21,7 @@ from lightning_prune._params import canonical_names
 from lightning_prune.structure import _engine
 from lightning_prune.structure import graph as graph_module
 from lightning_prune.structure.graph import emptied_by
-from tests.helpers.nets import TinyDenseNet
+from tests.helpers.nets import TiedLM, TinyDenseNet
 from tests.helpers.zoo import zoo_model
 
 
@@ -37,21 +37,6 @@ class Ties(nn.Module):
     def forward(self, x):
         x = torch.relu(self.bn(self.b(torch.relu(self.gn(self.a(x))))))
         return self.head(self.c(x).mean((2, 3)))
-
-
-class TiedLM(nn.Module):
-    """Embedding → MLP with a residual → LM head sharing the embedding's weight."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(20, 12)
-        self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 12)
-        self.lm_head = nn.Linear(12, 20, bias=False)
-        self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        h = self.embed(ids)
-        return self.lm_head(h + self.fc2(torch.relu(self.fc1(h))))
 
 
 class FreeScale(nn.Module):
