@@ -27,15 +27,13 @@ from collections.abc import Iterable
 from torch import nn
 
 
-def canonical_names(module: nn.Module, *, buffers: bool = False, walk: Walk | None = None) -> dict[str, str]:
+def canonical_names(module: nn.Module, *, buffers: bool = False) -> dict[str, str]:
     """Every name of every parameter (and buffer, if asked) of ``module`` → its canonical name.
 
-    The canonical name is the first name of the tensor object. ``walk``: as for :func:`every_tensor`.
+    The canonical name is the first name of the tensor object.
     """
     first: dict[int, str] = {}
-    return {
-        name: first.setdefault(id(t), name) for name, t in every_tensor(module, buffers=buffers, walk=walk)
-    }
+    return {name: first.setdefault(id(t), name) for name, t in every_tensor(module, buffers=buffers)}
 
 
 #: ``list(module.named_modules(remove_duplicate=False))``: every name of every submodule.

@@ -147,7 +147,6 @@ class ChannelGraph:
         self._specs: dict[tuple[int, bool], list] = {}  # (id(layer), producing) -> layer_spec
         self._unresized_of: dict[int, list[str]] = {}  # id(layer) -> unresized_tensors
         self._indices: dict[int, tuple[list[int], torch.Tensor, int]] = {}  # id(list) -> (list, tensor, max)
-        self._maxima: dict[int, tuple[torch.Tensor, int]] = {}  # id(index tensor) -> (it, its max)
 
     @property
     def groups(self) -> list[ChannelGroup]:
@@ -317,7 +316,7 @@ class ChannelGraph:
                 "Leave these layers out (`exclude`/`frozen`) and please report the model."
             ) from err
         self._groups = self._shape_cache = None
-        self._indices, self._maxima, self._specs = {}, {}, {}  # new index lists; specs may depend on sizes
+        self._indices, self._specs = {}, {}  # new index lists; layer specs may depend on sizes (PReLU)
         return done
 
     # -- internals ---------------------------------------------------------------------------------
@@ -509,10 +508,7 @@ class ChannelGraph:
         shapes, top = self._shapes(), {}  # slices share their position tensors: one max each
         for s in slices:
             if id(s.positions) not in top:
-                known = self._maxima.get(id(s.positions))
-                top[id(s.positions)] = (
-                    known[1] if known and known[0] is s.positions else int(s.positions.max())
-                )
+                top[id(s.positions)] = int(s.positions.numpy().max())
         if any(s.param not in shapes or top[id(s.positions)] >= shapes[s.param][s.dim] for s in slices):
             reasons.append("the traced dependencies do not fit the layer shapes")
         if probe is not None and _entries(items, only=0) != _entries(probe):
@@ -540,12 +536,8 @@ class ChannelGraph:
         return self._specs[key]
 
     def _unresized(self, module: nn.Module) -> list[str]:
-        plain = _PLAIN_TENSORS.get(type(module))
-        if plain is not None and plain.issuperset(module._parameters) and plain.issuperset(module._buffers):
-            return []  # a PyTorch layer with its own tensors only: the table resizes every one
         if id(module) not in self._unresized_of:
-            specs = [self._spec(module, True), self._spec(module, False)]
-            self._unresized_of[id(module)] = unresized_tensors(module, specs)
+            self._unresized_of[id(module)] = unresized_tensors(module)
         return self._unresized_of[id(module)]
 
     def _index(self, idxs: list[int]) -> tuple[torch.Tensor, int]:
@@ -554,7 +546,6 @@ class ChannelGraph:
         if found is None or found[0] is not idxs:
             array = np.asarray(idxs, dtype=np.int64)  # NumPy converts a list of ints several times faster
             found = self._indices[id(idxs)] = (idxs, torch.from_numpy(array), int(array.max()))
-            self._maxima[id(found[1])] = found[1:]
         return found[1], found[2]
 
     def _group_widths(self, group: ChannelGroup) -> dict[nn.Module, int]:
@@ -596,26 +587,6 @@ class ChannelGraph:
         return [
             ParamSlice(f"{label}.{attr}", dim, positions, channels, role) for attr, dim, role in spec if role
         ]
-
-
-_NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
-#: PyTorch layer classes (not subclasses) → every tensor they register; :data:`LAYERS` resizes them all.
-_PLAIN_TENSORS: dict[type, frozenset[str]] = {
-    **dict.fromkeys(
-        (
-            nn.Conv1d,
-            nn.Conv2d,
-            nn.Conv3d,
-            nn.ConvTranspose1d,
-            nn.ConvTranspose2d,
-            nn.ConvTranspose3d,
-            nn.Linear,
-        ),
-        frozenset({"weight", "bias"}),
-    ),
-    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _NORM_TENSORS),
-    **dict.fromkeys((nn.LayerNorm, nn.GroupNorm), frozenset({"weight", "bias"})),
-}
 
 
 def _entries(items: list[Item], only: int | None = None) -> set[tuple[int, bool, int]]:
@@ -700,9 +671,6 @@ def _nonzero_at_torch(t: torch.Tensor, dim: int, positions: np.ndarray) -> np.nd
         return _nonzero_rows((t.movedim(dim, 0) if dim else t).reshape(n, -1))[positions]
     index = torch.from_numpy(positions).to(t.device)
     step = max(1, _CHUNK // max(t.numel() // max(n, 1) * t.element_size(), 1))
-    if len(positions) <= step:  # one chunk
-        rows = torch.index_select(t, dim, index)
-        return _nonzero_rows((rows.movedim(dim, 0) if dim else rows).reshape(len(positions), -1))
     buffer, found = t.new_empty(0), []
     for part in index.split(step):
         torch.index_select(t, dim, part, out=buffer.resize_(0))  # resize_(0) keeps the storage
@@ -785,12 +753,15 @@ def _dedupe(removals: list[Removal], aliases: Mapping[str, str]) -> list[Removal
 
 
 def _retie(model: nn.Module, aliases: Mapping[str, str]) -> None:
-    """Make tensors that were one tensor before surgery one tensor again (same values required)."""
-    if all(name == first for name, first in aliases.items()):
-        return  # nothing is tied (also when given tied names only, and none)
+    """Make tensors that were one tensor before surgery one tensor again (same values required).
+
+    ``aliases``: the tied names → their canonical name (:func:`~lightning_prune._params.aliases`).
+    """
+    if not aliases:
+        return  # nothing is tied
     params = dict(every_tensor(model, buffers=False))
     for name, first in aliases.items():
-        if name == first or name not in params or first not in params:
+        if name not in params or first not in params:
             continue
         a, b = params[first], params[name]
         if a is b:

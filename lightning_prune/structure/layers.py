@@ -310,15 +310,16 @@ def output_channels(module: nn.Module) -> tuple[int, Callable[[torch.Tensor], in
     return row.outputs(module)
 
 
-def unresized_tensors(module: nn.Module, specs: Sequence[Spec | None] | None = None) -> list[str]:
+def unresized_tensors(module: nn.Module) -> list[str]:
     """Parameters/buffers of a known layer type that the table does not resize (e.g. a conv's extra gain).
 
     Such a layer (a subclass that adds tensors, like weight-standardized convolutions with a gain) would
-    be left inconsistent by surgery, so its groups are refused. ``specs``: its producing and consuming
-    :func:`layer_spec`, when the caller has them.
+    be left inconsistent by surgery, so its groups are refused.
     """
-    specs = specs if specs is not None else [layer_spec(module, p) for p in (True, False)]
-    known = {a for spec in specs for a, _, _ in (spec or [])}
+    plain = _PLAIN_TENSORS.get(type(module))
+    if plain is not None and plain.issuperset(module._parameters) and plain.issuperset(module._buffers):
+        return []  # a PyTorch layer with only the tensors it registers itself: the table resizes each
+    known = {a for p in (True, False) for a, _, _ in (layer_spec(module, p) or [])}
     first: dict[int, str] = {}  # one name per tensor, as named_parameters/named_buffers give
     for tensors in (module._parameters, module._buffers):
         for n, t in tensors.items():
@@ -326,6 +327,26 @@ def unresized_tensors(module: nn.Module, specs: Sequence[Spec | None] | None = N
                 first.setdefault(id(t), n)
     own = list(first.values())
     return [n for n in own if n not in known]
+
+
+_NORM_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
+#: PyTorch layer classes (not subclasses) → every tensor they register; :data:`LAYERS` resizes them all.
+_PLAIN_TENSORS: dict[type, frozenset[str]] = {
+    **dict.fromkeys(
+        (
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.ConvTranspose1d,
+            nn.ConvTranspose2d,
+            nn.ConvTranspose3d,
+            nn.Linear,
+        ),
+        frozenset({"weight", "bias"}),
+    ),
+    **dict.fromkeys((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm), _NORM_TENSORS),
+    **dict.fromkeys((nn.LayerNorm, nn.GroupNorm), frozenset({"weight", "bias"})),
+}
 
 
 def select_layers(
