@@ -8,6 +8,19 @@ from torch import nn
 from lightning_prune import ChannelGraph
 
 
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every state-dict entry, to compare against after a refused or undone surgery."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].shape == v.shape, k
+        assert torch.equal(after[k], v), k
+
+
 class TinyCNN(nn.Module):
     """conv-bn-relu ×2, pooling, flatten → linear head (8×8 inputs)."""
 

@@ -17,22 +17,10 @@ from torch import nn
 from lightning_prune import ChannelGraph, PruningError, shrink
 from lightning_prune.structure import _engine
 from lightning_prune.structure.graph import eval_outputs
-from tests.helpers.nets import TiedLM, kill_channels
+from tests.helpers.nets import TiedLM, assert_unchanged, kill_channels, state
 
 X = torch.randn(2, 3, 8, 8)
 TOKENS = torch.randn(2, 5, 16)
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert after[k].shape == v.shape, k
-        assert torch.equal(after[k], v), k
 
 
 class Attention(nn.Module):

@@ -15,19 +15,9 @@ from torch import nn
 
 from lightning_prune import ChannelGraph, PruningError, model_stats
 from lightning_prune.structure import _engine
+from tests.helpers.nets import assert_unchanged, state
 
 X = torch.randn(2, 3, 8, 8)
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert after[k].shape == v.shape and torch.equal(after[k], v), k
 
 
 class Chain(nn.Module):
@@ -75,7 +65,7 @@ def test_failed_surgery_restores_attributes_edited_in_place_and_tables_it_filled
     assert model.widths is widths and widths == [8, 8]
     assert model.notes is notes and notes == {"pruned": False}
     assert not hasattr(model.act, "scratch") and not hasattr(model.a, "gain")
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 class StatsFromOutside(nn.Module):
@@ -107,9 +97,9 @@ def test_tracing_and_counting_give_written_norm_statistics_back(where):
         hooked.register_forward_hook(lambda m, a, o: _touch_stats(model.bn, a, o))
     before = state(model)
     ChannelGraph(model, X)
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
     model_stats(model, X)
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 class Flagged(nn.Module):
